@@ -1,0 +1,145 @@
+"""Pure-PyTorch chunked backend: any device, memory O(chunk x V), recomputation in backward.
+
+Forward walks the tokens in chunks, materialising one chunk's logits at a time, and keeps only
+the fp32 log-sum-exp (and, for entropy, E_p[z]) per token. Backward recomputes each chunk's logits
+and forms the gradient from the saved statistics. Nothing of size [N, V] is ever alive.
+
+Gradients (z = softcap(r)/tau, r = h W^T + b, p = softmax(z), per token with upstream grads
+c_lp for log p(y), c_lse for lse and c_ent for the entropy Hk):
+    d logp / dz = onehot(y) - p
+    d lse  / dz = p
+    d Hk   / dz = -p * (z - E_p[z])         (Hk = lse - E_p[z]; differentiate both terms)
+    dz / dr     = (1 - tanh^2(r/cap)) / tau = (1 - (z*tau/cap)^2) / tau   (1/tau without a cap)
+    dh = grad_r @ W,  dW = grad_r^T @ h,  db = sum_k grad_r[k]
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .reference import finalize_logprobs, safe_targets, transform_logits
+from .types import LogprobsParams
+
+# A chunk's fp32 logits are about this many elements (8 Mi elements = 32 MiB).
+_CHUNK_ELEMENTS = 1 << 23
+
+
+def chunk_size_for(vocab_size: int, params: LogprobsParams) -> int:
+    if params.chunk_size is not None:
+        return params.chunk_size
+    return max(16, _CHUNK_ELEMENTS // max(vocab_size, 1))
+
+
+def valid_rows(targets: torch.Tensor, vocab_size: int, ignore_index: int) -> torch.Tensor:
+    """Rows that carry a gradient: not ignored and with an in-range target."""
+    return (targets != ignore_index) & (targets >= 0) & (targets < vocab_size)
+
+
+def _chunk_logits(h, weight, bias, params):
+    return transform_logits(torch.nn.functional.linear(h, weight, bias).float(), params)
+
+
+def logits_grad(
+    z: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    mean_z: Optional[torch.Tensor],
+    grad_logp: Optional[torch.Tensor],
+    grad_lse: Optional[torch.Tensor],
+    grad_entropy: Optional[torch.Tensor],
+    row_ok: torch.Tensor,
+    params: LogprobsParams,
+) -> torch.Tensor:
+    """d(loss)/d(raw logits) for one chunk, from the recomputed logits z and the saved stats."""
+    p = torch.exp(z - lse[:, None])
+    grad_z = torch.zeros_like(z)
+    if grad_logp is not None:
+        c = torch.where(row_ok, grad_logp, torch.zeros_like(grad_logp))
+        grad_z -= c[:, None] * p
+        idx = safe_targets(targets, z.shape[1])[:, None].long()
+        grad_z.scatter_add_(1, idx, c[:, None])
+    if grad_lse is not None:
+        grad_z += grad_lse[:, None] * p
+    if grad_entropy is not None:
+        ignored = targets == params.ignore_index
+        c = torch.where(ignored, torch.zeros_like(grad_entropy), grad_entropy)
+        grad_z -= c[:, None] * p * (z - mean_z[:, None])
+    # Chain through the temperature and the soft-cap.
+    if params.softcap is not None:
+        t = z * (params.temperature / params.softcap)
+        grad_z = grad_z * (1.0 - t * t)
+    if params.temperature != 1.0:
+        grad_z = grad_z / params.temperature
+    return grad_z
+
+
+class ChunkedLinearLogprobs(torch.autograd.Function):
+    """hidden [N, H], weight [V, H], targets [N], bias [V] | None -> (logp, lse, entropy) fp32 [N]."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, bias, params: LogprobsParams):
+        N, V = hidden.shape[0], weight.shape[0]
+        chunk = chunk_size_for(V, params)
+        logp = torch.empty(N, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty_like(logp)
+        mean_z = torch.empty_like(logp) if params.return_entropy else None
+        safe = safe_targets(targets, V)
+        for start in range(0, N, chunk):
+            sl = slice(start, start + chunk)
+            z = _chunk_logits(hidden[sl], weight, bias, params)
+            lse_c = torch.logsumexp(z, dim=-1)
+            lse[sl] = lse_c
+            logp[sl] = z.gather(1, safe[sl, None].long()).squeeze(1) - lse_c
+            if mean_z is not None:
+                mean_z[sl] = (torch.softmax(z, dim=-1) * z).sum(-1)
+            del z
+        logp = finalize_logprobs(logp, targets, V, params.ignore_index)
+        if mean_z is not None:
+            entropy = lse - mean_z
+            entropy = torch.where(targets == params.ignore_index, torch.zeros_like(entropy), entropy)
+        else:
+            entropy = torch.empty(0, dtype=torch.float32, device=hidden.device)
+        ctx.params = params
+        ctx.save_for_backward(hidden, weight, targets, bias, lse, mean_z)
+        return logp, lse, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_lse, grad_entropy):
+        hidden, weight, targets, bias, lse, mean_z = ctx.saved_tensors
+        params: LogprobsParams = ctx.params
+        if not params.return_entropy:
+            grad_entropy = None
+        N, V = hidden.shape[0], weight.shape[0]
+        chunk = chunk_size_for(V, params)
+        need_h, need_w, _, need_b, _ = ctx.needs_input_grad
+        grad_h = torch.empty_like(hidden) if need_h else None
+        # fp32 accumulation of the weight (and bias) gradient whatever the input dtype.
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(V, dtype=torch.float32, device=weight.device) if need_b else None
+        row_ok = valid_rows(targets, V, params.ignore_index)
+        for start in range(0, N, chunk):
+            sl = slice(start, start + chunk)
+            h = hidden[sl]
+            z = _chunk_logits(h, weight, bias, params)
+            g = logits_grad(
+                z,
+                targets[sl],
+                lse[sl],
+                None if mean_z is None else mean_z[sl],
+                None if grad_logp is None else grad_logp[sl],
+                None if grad_lse is None else grad_lse[sl],
+                None if grad_entropy is None else grad_entropy[sl],
+                row_ok[sl],
+                params,
+            )
+            del z
+            if grad_h is not None:
+                grad_h[sl] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
+            if grad_w is not None:
+                grad_w.addmm_(g.t(), h.float())
+            if grad_b is not None:
+                grad_b += g.sum(0)
+        grad_w = None if grad_w is None else grad_w.to(weight.dtype)
+        grad_b = None if grad_b is None else grad_b.to(bias.dtype)
+        return grad_h, grad_w, None, grad_b, None

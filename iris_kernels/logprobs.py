@@ -1,0 +1,287 @@
+"""Public entry points: per-token and per-sequence log-probs straight from hidden states.
+
+All validation happens here, up front; the backends assume validated, flattened inputs.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+
+from .autograd import TritonLinearLogprobs, interpreting
+from .chunked import ChunkedLinearLogprobs
+from .reference import reference_linear_logprobs
+from .types import Backend, LinearLogprobsOutput, LogprobsParams
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_tensor(name: str, x, *, dims: Optional[int] = None) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if dims is not None and x.dim() != dims:
+        raise ValueError(f"{name} must be {dims}-D, got shape {tuple(x.shape)}")
+
+
+def _check_positive_float(name: str, value) -> float:
+    if isinstance(value, torch.Tensor) or not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a Python float, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return value
+
+
+def resolve_backend(backend: Union[str, Backend], device: torch.device) -> Backend:
+    try:
+        backend = Backend(backend)
+    except ValueError:
+        valid = ", ".join(repr(b.value) for b in Backend)
+        raise ValueError(f"backend must be one of {valid}, got {backend!r}") from None
+    if backend is Backend.AUTO:
+        return Backend.TRITON if device.type == "cuda" else Backend.TORCH
+    return backend
+
+
+def _validate(hidden, weight, targets, bias, temperature, softcap):
+    _check_tensor("hidden", hidden)
+    _check_tensor("weight", weight, dims=2)
+    _check_tensor("targets", targets)
+    if hidden.dim() < 1:
+        raise ValueError("hidden must have at least one dimension (the hidden size H)")
+    if hidden.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"hidden must be float32, bfloat16 or float16, got {hidden.dtype}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight must be [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, "
+            f"got weight shape {tuple(weight.shape)}"
+        )
+    if weight.shape[0] == 0:
+        raise ValueError("weight must have at least one row (vocabulary size V > 0)")
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise TypeError(f"targets must be an integer tensor, got {targets.dtype}")
+    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"targets shape {tuple(targets.shape)} must equal hidden's leading shape "
+            f"{tuple(hidden.shape[:-1])}"
+        )
+    for name, t in (("weight", weight), ("targets", targets)):
+        if t.device != hidden.device:
+            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
+    if bias is not None:
+        _check_tensor("bias", bias, dims=1)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias must be [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} must match hidden dtype {hidden.dtype}")
+        if bias.device != hidden.device:
+            raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")
+    temperature = _check_positive_float("temperature", temperature)
+    if softcap is not None:
+        softcap = _check_positive_float("softcap", softcap)
+    return temperature, softcap
+
+
+def check_targets_in_range(targets: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
+    """Raise ValueError if a non-ignored target is outside [0, V). Synchronises with the device."""
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
+    if bool(bad.any()):
+        first = targets[bad][0].item()
+        raise ValueError(
+            f"targets contains {int(bad.sum())} value(s) outside [0, {vocab_size}) that are not "
+            f"ignore_index={ignore_index} (first: {first})"
+        )
+
+
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    softcap: Optional[float] = None,
+    ignore_index: int = -100,
+    return_lse: bool = False,
+    return_entropy: bool = False,
+    backend: Union[str, Backend] = "auto",
+    chunk_size: Optional[int] = None,
+    validate: bool = False,
+):
+    """log p(targets | hidden) under the output projection ``weight``, without the [N, V] logits.
+
+    z = softcap(hidden @ weight.T + bias) / temperature, log p(y) = z[y] - logsumexp(z), with
+    softcap(r) = softcap * tanh(r / softcap) when ``softcap`` is given (Gemma-style).
+
+    Args:
+        hidden: [..., H] float32, bfloat16 or float16 (float64 on the torch/reference backends);
+            any strides.
+        weight: [V, H], same dtype and device (the lm_head weight, tied or not).
+        targets: integer tensor with hidden's leading shape.
+        bias: optional [V].
+        temperature: > 0; divides the (soft-capped) logits.
+        softcap: optional > 0 logit soft-cap.
+        ignore_index: positions with this target give exactly 0.0 and no gradient.
+        return_lse / return_entropy: also return the log-sum-exp / the entropy per position
+            (both differentiable); the result is then a ``LinearLogprobsOutput``.
+        backend: "auto" (Triton on CUDA, torch elsewhere), "triton", "torch" or "reference".
+        chunk_size: tokens per chunk for the torch backend (default: from V, ~32 MiB of logits).
+        validate: also check that targets lie in [0, V) (synchronises with the device; off by
+            default). Without it an out-of-range target never reads out of bounds and yields NaN.
+
+    Returns:
+        fp32 log-probs with targets' shape (or a ``LinearLogprobsOutput``). Differentiable
+        w.r.t. hidden, weight and bias for any upstream gradient.
+    """
+    temperature, softcap = _validate(hidden, weight, targets, bias, temperature, softcap)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    which = resolve_backend(backend, hidden.device)
+    if which is Backend.TRITON:
+        if hidden.dtype not in _TRITON_DTYPES:
+            raise TypeError(f"backend='triton' supports float32, bfloat16 and float16, got {hidden.dtype}")
+        if hidden.device.type != "cuda" and not interpreting():
+            raise ValueError(
+                "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter); "
+                f"hidden is on {hidden.device}"
+            )
+    V, H = weight.shape
+    if validate:
+        check_targets_in_range(targets, V, ignore_index)
+
+    params = LogprobsParams(
+        ignore_index=ignore_index,
+        temperature=temperature,
+        softcap=softcap,
+        return_entropy=return_entropy,
+        chunk_size=chunk_size,
+    )
+    lead_shape = targets.shape
+    flat_hidden = hidden.reshape(-1, H)
+    flat_targets = targets.reshape(-1)
+    if flat_hidden.shape[0] == 0:
+        # Nothing to compute; keep the graph connected so backward still works.
+        empty = flat_hidden.sum(-1).float() * 0.0
+        logp, lse, entropy = empty, empty.detach(), empty if return_entropy else None
+    elif which is Backend.REFERENCE:
+        logp, lse, entropy = reference_linear_logprobs(flat_hidden, weight, flat_targets, bias, params)
+    else:
+        fn = TritonLinearLogprobs if which is Backend.TRITON else ChunkedLinearLogprobs
+        if which is Backend.TRITON:
+            # The kernels index rows with one stride and assume a unit last-dim stride.
+            flat_hidden = flat_hidden if flat_hidden.stride(-1) == 1 else flat_hidden.contiguous()
+            weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+            flat_targets = flat_targets.contiguous()
+        logp, lse, entropy = fn.apply(flat_hidden, weight, flat_targets, bias, params)
+        if not return_entropy:
+            entropy = None
+
+    logp = logp.reshape(lead_shape)
+    if not (return_lse or return_entropy):
+        return logp
+    return LinearLogprobsOutput(
+        logprobs=logp,
+        lse=lse.reshape(lead_shape) if return_lse else None,
+        entropy=entropy.reshape(lead_shape) if return_entropy else None,
+    )
+
+
+def shift_labels(labels: torch.Tensor, ignore_index: int, cu_seqlens: Optional[torch.Tensor] = None):
+    """Hugging Face convention: position t predicts label t + 1; the last position predicts nothing.
+
+    Shifting the labels (not the hidden states) avoids copying hidden [B, T-1, H]. For a packed
+    batch the shift stays inside each sequence: each sequence's last position is ignored.
+    """
+    if cu_seqlens is None:
+        shifted = torch.full_like(labels, ignore_index)
+        shifted[..., :-1] = labels[..., 1:]
+        return shifted
+    shifted = torch.full_like(labels, ignore_index)
+    shifted[:-1] = labels[1:]
+    last = (cu_seqlens[1:] - 1).clamp(min=0).long()
+    shifted[last] = ignore_index
+    return shifted
+
+
+def sequence_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    shift: bool = True,
+    ignore_index: int = -100,
+    bias: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    softcap: Optional[float] = None,
+    length_normalize: bool = False,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    backend: Union[str, Backend] = "auto",
+) -> torch.Tensor:
+    """Per-sequence summed log-probs s(x, y) = sum_k log p(y_k | ...) over non-ignored labels.
+
+    Args:
+        hidden: [B, T, H] (final-norm output of the model body), or, with ``cu_seqlens``, a packed
+            [total, H] or [1, total, H].
+        labels: [B, T] (or packed [total] / [1, total]); prompt and padding positions hold
+            ``ignore_index``.
+        shift: position t predicts label t + 1 (Hugging Face causal-LM convention).
+        length_normalize: divide each sum by its number of scored tokens (mean log-prob).
+        cu_seqlens: int [B + 1] cumulative sequence lengths of a packed (padding-free) batch.
+        Other arguments as in ``linear_logprobs``.
+
+    Returns:
+        fp32 [B]. A sequence with no scored token gives 0.0.
+    """
+    _check_tensor("hidden", hidden)
+    _check_tensor("labels", labels)
+    if cu_seqlens is None:
+        if hidden.dim() != 3:
+            raise ValueError(f"hidden must be [B, T, H], got shape {tuple(hidden.shape)}")
+        if tuple(labels.shape) != tuple(hidden.shape[:2]):
+            raise ValueError(f"labels shape {tuple(labels.shape)} must be [B, T] = {tuple(hidden.shape[:2])}")
+    else:
+        _check_tensor("cu_seqlens", cu_seqlens, dims=1)
+        if cu_seqlens.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+        if cu_seqlens.numel() < 2:
+            raise ValueError("cu_seqlens must hold at least two offsets ([B + 1] with B >= 1)")
+        if hidden.dim() == 3:
+            if hidden.shape[0] != 1:
+                raise ValueError(f"a packed hidden must be [total, H] or [1, total, H], got {tuple(hidden.shape)}")
+            hidden = hidden[0]
+        if labels.dim() == 2:
+            if labels.shape[0] != 1:
+                raise ValueError(f"packed labels must be [total] or [1, total], got {tuple(labels.shape)}")
+            labels = labels[0]
+        if hidden.dim() != 2 or labels.dim() != 1 or labels.shape[0] != hidden.shape[0]:
+            raise ValueError(
+                f"packed hidden [total, H] and labels [total] must agree, got {tuple(hidden.shape)} "
+                f"and {tuple(labels.shape)}"
+            )
+        if cu_seqlens.device != hidden.device:
+            raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but hidden is on {hidden.device}")
+    targets = shift_labels(labels, ignore_index, cu_seqlens) if shift else labels
+    token_logp = linear_logprobs(
+        hidden, weight, targets, bias=bias, temperature=temperature, softcap=softcap,
+        ignore_index=ignore_index, backend=backend,
+    )
+    scored = (targets != ignore_index).float()
+    if cu_seqlens is None:
+        sums, counts = token_logp.sum(-1), scored.sum(-1)
+    else:
+        num_seqs = cu_seqlens.shape[0] - 1
+        positions = torch.arange(labels.shape[0], device=labels.device)
+        seq_id = torch.searchsorted(cu_seqlens[1:].to(positions.dtype), positions, right=True)
+        # Positions past cu_seqlens[-1] (padding at the end of a pack) are dropped.
+        seq_id = torch.where(seq_id < num_seqs, seq_id, torch.full_like(seq_id, num_seqs))
+        sums = token_logp.new_zeros(num_seqs + 1).index_add(0, seq_id, token_logp)[:num_seqs]
+        counts = scored.new_zeros(num_seqs + 1).index_add(0, seq_id, scored)[:num_seqs]
+    if length_normalize:
+        return sums / counts.clamp(min=1.0)
+    return sums

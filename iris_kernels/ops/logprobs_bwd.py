@@ -1,0 +1,179 @@
+"""Backward kernel: recompute each logits tile, form its gradient from the saved lse, and
+accumulate the hidden, weight and bias gradients.
+
+Grid = (token blocks, vocabulary tiles): one program owns one [BLOCK_N, BLOCK_V] tile of the
+logits. It recomputes z (the third of the four matrix products), turns it into the gradient of
+the loss w.r.t. the raw logits r = h W^T + b, then walks the hidden dimension doing
+    dh[n, :] += g @ W[v, :]      (fourth product, atomically summed over vocabulary tiles)
+    dW[v, :] += g^T @ h[n, :]    (second product, atomically summed over token blocks)
+into fp32 buffers, so that the weight gradient is accumulated in fp32 whatever the input dtype.
+
+Per row k with upstream gradients c_lp (log p of the target), c_lse and c_ent (entropy), and
+p = exp(z - lse) from the saved lse:
+    d logp/dz = onehot(y) - p;  d lse/dz = p;  d Hk/dz = -p (z - E_p[z])   (Hk = lse - E_p[z])
+    g_z = c_lp (onehot - p) + c_lse p - c_ent p (z - E_p[z])
+    dz/dr = (1 - tanh^2(r / cap)) / tau, and tanh(r / cap) = z tau / cap, so no tanh is recomputed.
+Ignored and out-of-range rows arrive with c_lp = 0 (the caller zeroes them).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .logits_tile import logits_tile
+
+
+@triton.jit
+def logprobs_bwd_kernel(
+    hidden_ptr,
+    weight_ptr,
+    bias_ptr,
+    targets_ptr,
+    lse_ptr,
+    mean_z_ptr,
+    grad_logp_ptr,
+    grad_lse_ptr,
+    grad_entropy_ptr,
+    grad_hidden_ptr,  # fp32 [N, H], zero-initialised
+    grad_weight_ptr,  # fp32 [V, H], zero-initialised
+    grad_bias_ptr,  # fp32 [V], zero-initialised
+    N,
+    V,
+    H,
+    stride_hn,
+    stride_wv,
+    inv_temperature,
+    softcap,
+    softcap_scale,  # tau / cap
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_GRAD_LSE: tl.constexpr,
+    HAS_GRAD_ENTROPY: tl.constexpr,
+    NEED_GRAD_HIDDEN: tl.constexpr,
+    NEED_GRAD_WEIGHT: tl.constexpr,
+    NEED_GRAD_BIAS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE_DOT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    # int64 offsets: row * stride exceeds 2^31 for N*H or V*H beyond 2 Gi elements.
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    offs_v = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
+    n_mask = offs_n < N
+    v_mask = offs_v < V
+    tile_mask = n_mask[:, None] & v_mask[None, :]
+
+    z = logits_tile(
+        hidden_ptr, weight_ptr, bias_ptr, offs_n, offs_v, n_mask, v_mask, H,
+        stride_hn, stride_wv, inv_temperature, softcap,
+        HAS_BIAS, HAS_SOFTCAP, UPCAST, IEEE_DOT, BLOCK_N, BLOCK_V, BLOCK_H,
+    )
+    lse = tl.load(lse_ptr + offs_n, mask=n_mask, other=0.0)
+    p = tl.exp(z - lse[:, None])
+    c_lp = tl.load(grad_logp_ptr + offs_n, mask=n_mask, other=0.0)
+    tgt = tl.load(targets_ptr + offs_n, mask=n_mask, other=-1).to(tl.int64)
+    hit = offs_v[None, :] == tgt[:, None]
+    g = tl.where(hit, c_lp[:, None], 0.0) - c_lp[:, None] * p
+    if HAS_GRAD_LSE:
+        c_lse = tl.load(grad_lse_ptr + offs_n, mask=n_mask, other=0.0)
+        g += c_lse[:, None] * p
+    if HAS_GRAD_ENTROPY:
+        c_ent = tl.load(grad_entropy_ptr + offs_n, mask=n_mask, other=0.0)
+        mean_z = tl.load(mean_z_ptr + offs_n, mask=n_mask, other=0.0)
+        g -= c_ent[:, None] * p * (z - mean_z[:, None])
+    if HAS_SOFTCAP:
+        t = z * softcap_scale
+        g = g * (1.0 - t * t)
+    g = g * inv_temperature
+    # Padding rows/columns of the tile hold garbage (p of a zero row); they must add nothing.
+    g = tl.where(tile_mask, g, 0.0)
+
+    if NEED_GRAD_BIAS:
+        tl.atomic_add(grad_bias_ptr + offs_v, tl.sum(g, axis=0), mask=v_mask)
+
+    if UPCAST:
+        g_dot = g
+    else:
+        # Tensor-core products in the input dtype (fp32 accumulation), as in the forward.
+        g_dot = g.to(hidden_ptr.dtype.element_ty)
+    for h0 in range(0, H, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        h_mask = offs_h < H
+        if NEED_GRAD_HIDDEN:
+            w = tl.load(
+                weight_ptr + offs_v[:, None] * stride_wv + offs_h[None, :],
+                mask=v_mask[:, None] & h_mask[None, :],
+                other=0.0,
+            )
+            if UPCAST:
+                w = w.to(tl.float32)
+            if IEEE_DOT:
+                dh = tl.dot(g_dot, w, input_precision="ieee")
+            else:
+                dh = tl.dot(g_dot, w)
+            tl.atomic_add(
+                grad_hidden_ptr + offs_n[:, None] * H + offs_h[None, :],
+                dh,
+                mask=n_mask[:, None] & h_mask[None, :],
+            )
+        if NEED_GRAD_WEIGHT:
+            x = tl.load(
+                hidden_ptr + offs_n[:, None] * stride_hn + offs_h[None, :],
+                mask=n_mask[:, None] & h_mask[None, :],
+                other=0.0,
+            )
+            if UPCAST:
+                x = x.to(tl.float32)
+            if IEEE_DOT:
+                dw = tl.dot(tl.trans(g_dot), x, input_precision="ieee")
+            else:
+                dw = tl.dot(tl.trans(g_dot), x)
+            tl.atomic_add(
+                grad_weight_ptr + offs_v[:, None] * H + offs_h[None, :],
+                dw,
+                mask=v_mask[:, None] & h_mask[None, :],
+            )
+
+
+def logprobs_bwd(hidden, weight, targets, bias, lse, mean_z, grad_logp, grad_lse, grad_entropy,
+                 *, need_hidden, need_weight, need_bias, inv_temperature, softcap, temperature,
+                 upcast, tiles):
+    """Returns fp32 (grad_hidden | None, grad_weight | None, grad_bias | None)."""
+    N, H = hidden.shape
+    V = weight.shape[0]
+    block_n, block_v, block_h, num_warps = tiles
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    grad_hidden = torch.zeros((N, H), **f32) if need_hidden else None
+    grad_weight = torch.zeros((V, H), **f32) if need_weight else None
+    grad_bias = torch.zeros((V,), **f32) if need_bias else None
+    dummy = lse
+    grid = (triton.cdiv(N, block_n), triton.cdiv(V, block_v))
+    logprobs_bwd_kernel[grid](
+        hidden, weight, bias if bias is not None else hidden, targets, lse,
+        mean_z if mean_z is not None else dummy,
+        grad_logp,
+        grad_lse if grad_lse is not None else dummy,
+        grad_entropy if grad_entropy is not None else dummy,
+        grad_hidden if need_hidden else dummy,
+        grad_weight if need_weight else dummy,
+        grad_bias if need_bias else dummy,
+        N, V, H, hidden.stride(0), weight.stride(0),
+        inv_temperature,
+        softcap if softcap is not None else 1.0,
+        temperature / softcap if softcap is not None else 1.0,
+        HAS_BIAS=bias is not None,
+        HAS_SOFTCAP=softcap is not None,
+        HAS_GRAD_LSE=grad_lse is not None,
+        HAS_GRAD_ENTROPY=grad_entropy is not None,
+        NEED_GRAD_HIDDEN=need_hidden,
+        NEED_GRAD_WEIGHT=need_weight,
+        NEED_GRAD_BIAS=need_bias,
+        UPCAST=upcast,
+        IEEE_DOT=hidden.dtype == torch.float32,
+        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h,
+        num_warps=num_warps,
+    )
+    return grad_hidden, grad_weight, grad_bias
