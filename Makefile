@@ -1,0 +1,18 @@
+# The two set-up commands of the README. Each creates or reuses .venv with the pinned set.
+PY := .venv/bin/python
+
+.PHONY: venv bench test test-fast gpu-check
+
+venv:
+	@bash scripts/ensure_venv.sh
+
+## make bench: the main job, the loss benchmark on this machine's default device and shapes
+bench: venv
+	$(PY) benchmarks/bench_loss.py $(ARGS)
+
+## make test: the whole test suite (CPU; Triton kernels through the interpreter)
+test: venv
+	$(PY) -m pytest -q --timeout=900 $(ARGS)
+
+gpu-check:
+	bash benchmarks/gpu_check.sh
