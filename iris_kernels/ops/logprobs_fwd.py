@@ -6,6 +6,8 @@ log-sum-exp), the target's logit when the target falls in its share, and, for th
 t = sum exp(z - m) * z. The splits' partial statistics (a few floats per token) are merged by
 ``merge_partials``; the [N, V] logits exist only one tile at a time, in registers.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -130,9 +132,14 @@ def logprobs_fwd(hidden, weight, targets, bias, *, inv_temperature, softcap, wit
     return merge_partials(part_max, part_sum, part_target, part_zsum if with_entropy else None)
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index):
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def default_splits(n_blocks, v_tiles, device):
     """Split the vocabulary until the grid has a few programs per SM; one split on the CPU."""
     if device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return max(1, min(v_tiles, triton.cdiv(4 * sms, n_blocks)))
