@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from .reference import finalize_logprobs, safe_targets, transform_logits
-from .types import LogprobsParams
+from .types import LogprobsParams, accumulation_dtype
 
 # A chunk's fp32 logits are about this many elements (8 Mi elements = 32 MiB).
 _CHUNK_ELEMENTS = 1 << 23
@@ -37,7 +37,7 @@ def valid_rows(targets: torch.Tensor, vocab_size: int, ignore_index: int) -> tor
 
 
 def _chunk_logits(h, weight, bias, params):
-    return transform_logits(torch.nn.functional.linear(h, weight, bias).float(), params)
+    return transform_logits(torch.nn.functional.linear(h, weight, bias).to(accumulation_dtype(h.dtype)), params)
 
 
 def logits_grad(
@@ -81,7 +81,8 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, bias, params: LogprobsParams):
         N, V = hidden.shape[0], weight.shape[0]
         chunk = chunk_size_for(V, params)
-        logp = torch.empty(N, dtype=torch.float32, device=hidden.device)
+        acc = accumulation_dtype(hidden.dtype)
+        logp = torch.empty(N, dtype=acc, device=hidden.device)
         lse = torch.empty_like(logp)
         mean_z = torch.empty_like(logp) if params.return_entropy else None
         safe = safe_targets(targets, V)
@@ -99,7 +100,7 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
             entropy = lse - mean_z
             entropy = torch.where(targets == params.ignore_index, torch.zeros_like(entropy), entropy)
         else:
-            entropy = torch.empty(0, dtype=torch.float32, device=hidden.device)
+            entropy = torch.empty(0, dtype=acc, device=hidden.device)
         ctx.params = params
         ctx.save_for_backward(hidden, weight, targets, bias, lse, mean_z)
         return logp, lse, entropy
@@ -115,8 +116,9 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
         need_h, need_w, _, need_b, _ = ctx.needs_input_grad
         grad_h = torch.empty_like(hidden) if need_h else None
         # fp32 accumulation of the weight (and bias) gradient whatever the input dtype.
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(V, dtype=torch.float32, device=weight.device) if need_b else None
+        acc = accumulation_dtype(hidden.dtype)
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(V, dtype=acc, device=weight.device) if need_b else None
         row_ok = valid_rows(targets, V, params.ignore_index)
         for start in range(0, N, chunk):
             sl = slice(start, start + chunk)
@@ -137,7 +139,7 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
             if grad_h is not None:
                 grad_h[sl] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
             if grad_w is not None:
-                grad_w.addmm_(g.t(), h.float())
+                grad_w.addmm_(g.t(), h.to(acc))
             if grad_b is not None:
                 grad_b += g.sum(0)
         grad_w = None if grad_w is None else grad_w.to(weight.dtype)

@@ -12,7 +12,7 @@ import torch
 from .autograd import TritonLinearLogprobs, interpreting
 from .chunked import ChunkedLinearLogprobs
 from .reference import reference_linear_logprobs
-from .types import Backend, LinearLogprobsOutput, LogprobsParams
+from .types import Backend, LinearLogprobsOutput, LogprobsParams, accumulation_dtype
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -52,7 +52,7 @@ def _validate(hidden, weight, targets, bias, temperature, softcap):
     if hidden.dim() < 1:
         raise ValueError("hidden must have at least one dimension (the hidden size H)")
     if hidden.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"hidden must be float32, bfloat16 or float16, got {hidden.dtype}")
+        raise TypeError(f"hidden must be float32, bfloat16, float16 (or float64), got {hidden.dtype}")
     if weight.dtype != hidden.dtype:
         raise TypeError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
     if weight.shape[1] != hidden.shape[-1]:
@@ -134,7 +134,7 @@ def linear_logprobs(
             default). Without it an out-of-range target never reads out of bounds and yields NaN.
 
     Returns:
-        fp32 log-probs with targets' shape (or a ``LinearLogprobsOutput``). Differentiable
+        fp32 log-probs with targets' shape (fp64 for fp64 inputs; or a ``LinearLogprobsOutput``). Differentiable
         w.r.t. hidden, weight and bias for any upstream gradient.
     """
     temperature, softcap = _validate(hidden, weight, targets, bias, temperature, softcap)
@@ -167,7 +167,7 @@ def linear_logprobs(
     flat_targets = targets.reshape(-1)
     if flat_hidden.shape[0] == 0:
         # Nothing to compute; keep the graph connected so backward still works.
-        empty = flat_hidden.sum(-1).float() * 0.0
+        empty = flat_hidden.sum(-1).to(accumulation_dtype(hidden.dtype)) * 0.0
         logp, lse, entropy = empty, empty.detach(), empty if return_entropy else None
     elif which is Backend.REFERENCE:
         logp, lse, entropy = reference_linear_logprobs(flat_hidden, weight, flat_targets, bias, params)

@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from .types import LogprobsParams
+from .types import LogprobsParams, accumulation_dtype
 
 
 def transform_logits(raw: torch.Tensor, params: LogprobsParams) -> torch.Tensor:
@@ -46,8 +46,8 @@ def reference_linear_logprobs(
     bias: Optional[torch.Tensor],
     params: LogprobsParams,
 ):
-    """Returns (logp, lse, entropy) for flat hidden [N, H] and targets [N]; all fp32, [N]."""
-    raw = torch.nn.functional.linear(hidden, weight, bias).float()
+    """Returns (logp, lse, entropy) for flat hidden [N, H] and targets [N]; fp32 (fp64 for fp64 input), [N]."""
+    raw = torch.nn.functional.linear(hidden, weight, bias).to(accumulation_dtype(hidden.dtype))
     z = transform_logits(raw, params)
     lse = torch.logsumexp(z, dim=-1)
     logp_all = z - lse[:, None]

@@ -307,7 +307,9 @@ class GapAdaptiveAlpha(AlphaSchedule):
             raise ValueError(f"syn_token_logps is on {syn.device} but real_token_logps is on {real.device}")
         # Counts are known on the host; new_full writes them with a fill kernel, not a copy that
         # could wait on the stream.
-        batch = torch.stack([syn.sum(), syn.new_full((), float(syn.numel())), real.sum(), real.new_full((), float(real.numel()))])
+        batch = torch.stack(
+            [syn.sum(), syn.new_full((), float(syn.numel())), real.sum(), real.new_full((), float(real.numel()))]
+        )
         if self._sums is None:
             self._sums = batch
         else:

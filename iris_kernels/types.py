@@ -35,6 +35,11 @@ class LogprobsParams:
     chunk_size: Optional[int] = None
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Log-probs, lse and softmax statistics are fp32 for fp32/bf16/fp16 inputs, fp64 for fp64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 class LinearLogprobsOutput(NamedTuple):
     """Returned by ``linear_logprobs`` when ``return_lse`` or ``return_entropy`` is set.
 
