@@ -1,6 +1,18 @@
 """iris-kernels: fused log-prob kernels and the IRIS self-play loss family."""
 from ._version import __version__
+from .distributed import StepNormalizer, StepStats
 from .logprobs import linear_logprobs, sequence_logprobs
+from .losses import (
+    LOSSES,
+    chi2_loss,
+    dpo_loss,
+    get_loss,
+    iris_loss,
+    sft_loss,
+    space_loss,
+    spin_loss,
+    tilted_risk,
+)
 from .module import SelfPlayLoss
 from .schedules import (
     AlphaSchedule,
@@ -19,6 +31,17 @@ __all__ = [
     "LinearLogprobsOutput",
     "linear_logprobs",
     "sequence_logprobs",
+    "tilted_risk",
+    "iris_loss",
+    "spin_loss",
+    "space_loss",
+    "chi2_loss",
+    "dpo_loss",
+    "sft_loss",
+    "LOSSES",
+    "get_loss",
+    "StepNormalizer",
+    "StepStats",
     "SelfPlayLoss",
     "AlphaSchedule",
     "ConstantAlpha",
