@@ -22,18 +22,20 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def tile_config(hidden: torch.Tensor, forward: bool):
-    """(BLOCK_N, BLOCK_V, BLOCK_H, num_warps).
+# (BLOCK_N, BLOCK_V, BLOCK_H, num_warps) for the compiled kernels. 128 x 128 logits tiles with a
+# 32-wide hidden step are the largest tiles that ptxas fits in 255 registers without spilling
+# for sm_90, for every feature flag, in both kernels (tests/test_kernels_compile.py checks this
+# without a GPU). Not yet timed on hardware.
+GPU_FWD_TILES = (128, 128, 32, 8)
+GPU_BWD_TILES = (128, 128, 32, 8)
+# The interpreter's cost grows with programs x loop steps, not FLOPs: few, large tiles.
+INTERPRETER_TILES = (32, 128, 64, 4)
 
-    Interpreter: few, large tiles (its cost grows with programs x loop steps, not FLOPs).
-    GPU: 128x128 logits tiles in the forward; the backward also holds the gradient tile, so it
-    uses 64 rows to stay within registers. Not yet tuned on hardware.
-    """
+
+def tile_config(hidden: torch.Tensor, forward: bool):
     if interpreting() or hidden.device.type != "cuda":
-        return (32, 128, 64, 4)
-    if forward:
-        return (128, 128, 64, 8)
-    return (64, 128, 64, 8)
+        return INTERPRETER_TILES
+    return GPU_FWD_TILES if forward else GPU_BWD_TILES
 
 
 class TritonLinearLogprobs(torch.autograd.Function):
