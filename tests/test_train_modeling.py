@@ -1,0 +1,123 @@
+"""train/modeling.py and train/evaluation.py helpers: model options, the pkg: source, lm-eval glue."""
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from train.config import ModelConfig  # noqa: E402
+from train.data import pair_batch  # noqa: E402
+from train.evaluation import ess, lm_eval_scores  # noqa: E402
+from train.modeling import (SequenceLogprobs, assert_finite_parameters, build_initial_model,  # noqa: E402
+                            load_tokenizer, resolve_attn_implementation, resolve_source, save_model)
+
+TOK = str(ROOT / "train" / "data" / "tiny-tokenizer")
+INIT = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 128}
+
+
+def _model(**kw):
+    cfg = ModelConfig(tokenizer=TOK, init_config=INIT, **kw)
+    tok = load_tokenizer(cfg)
+    return build_initial_model(cfg, tok, seed=0), tok
+
+
+def test_random_init_is_seeded_and_leaves_the_global_rng_alone():
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a, _ = _model()
+    after = torch.rand(1)
+    b, _ = _model()
+    assert torch.equal(before, after)
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_attention_defaults_to_sdpa_without_flash_attn():
+    assert resolve_attn_implementation("auto", torch.float32) == "sdpa"
+    assert resolve_attn_implementation("auto", torch.bfloat16) in ("sdpa", "flash_attention_2")
+    assert resolve_attn_implementation("eager", torch.bfloat16) == "eager"
+    model, _ = _model()
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_gradient_checkpointing_changes_memory_not_gradients():
+    plain, tok = _model()
+    ckpt, _ = _model(gradient_checkpointing=True)
+    on = [getattr(layer, "gradient_checkpointing", False) for layer in ckpt.model.layers]
+    assert all(on) and not any(getattr(layer, "gradient_checkpointing", False) for layer in plain.model.layers)
+    ids = tok(["<|user|>abc<|end|><|assistant|>cba<|end|>"], add_special_tokens=False)["input_ids"][0]
+    batch = pair_batch([type("E", (), {"prompt_ids": ids[:12], "response_ids": ids[12:]})()], [ids[12:]], 0, 64)
+    grads = []
+    for m in (plain, ckpt):
+        m.train()
+        s = SequenceLogprobs(m)(**batch)
+        s.sum().backward()
+        grads.append({n: p.grad for n, p in m.named_parameters()})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7)
+
+
+def test_liger_is_applied_to_the_layers_only_when_asked(monkeypatch):
+    import liger_kernel.transformers as lt
+
+    calls = []
+    monkeypatch.setattr(lt, "_apply_liger_kernel_to_instance", lambda model, **kw: calls.append(kw))
+    _model(use_liger=False)
+    assert calls == []
+    _model(use_liger=True)
+    assert calls and calls[0]["rms_norm"] and calls[0]["swiglu"] and calls[0]["rope"]
+    # The loss never goes through the model's lm_head: Liger's fused cross-entropy stays off.
+    assert calls[0]["fused_linear_cross_entropy"] is False and calls[0]["cross_entropy"] is False
+
+
+def test_liger_missing_warns_and_continues(monkeypatch):
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", None)
+    with pytest.warns(UserWarning, match="liger-kernel is not importable"):
+        _model(use_liger=True)
+
+
+def test_pkg_source_resolves_to_the_installed_package_folder():
+    assert resolve_source("pkg:json", "model.name_or_path") == str(Path(__import__("json").__file__).parent)
+    assert resolve_source("org/model", "k") == "org/model"
+    with pytest.raises(FileNotFoundError, match="model.name_or_path: Python package 'no_such_pkg_xyz'"):
+        resolve_source("pkg:no_such_pkg_xyz", "model.name_or_path")
+
+
+def test_non_finite_weights_are_never_saved(tmp_path):
+    model, tok = _model()
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="up_proj"):
+        save_model(model, tok, tmp_path / "model")
+    assert not (tmp_path / "model").exists() and not (tmp_path / "model.tmp").exists()
+    with pytest.raises(FloatingPointError):
+        assert_finite_parameters(model)
+
+
+def test_ess_bounds():
+    assert ess(torch.zeros(7)) == pytest.approx(7.0)
+    assert ess(torch.tensor([0.0, 1e4, 0.0])) == pytest.approx(1.0)
+    w = torch.softmax(torch.tensor([0.3, -1.2, 2.0], dtype=torch.float64), 0)
+    assert ess(torch.tensor([0.3, -1.2, 2.0])) == pytest.approx(float(1 / (w * w).sum()))
+
+
+def test_lm_eval_scores_flattens_the_harness_results(monkeypatch):
+    seen = {}
+    fake = types.ModuleType("lm_eval")
+    fake.simple_evaluate = lambda model, tasks: seen.update(model=model, tasks=tasks) or {
+        "results": {"arc_easy": {"acc,none": 0.5, "acc_stderr,none": 0.01, "alias": "arc_easy"}}}
+    hf = types.ModuleType("lm_eval.models.huggingface")
+    hf.HFLM = lambda pretrained, tokenizer, batch_size: ("HFLM", pretrained, batch_size)
+    monkeypatch.setitem(sys.modules, "lm_eval", fake)
+    monkeypatch.setitem(sys.modules, "lm_eval.models", types.ModuleType("lm_eval.models"))
+    monkeypatch.setitem(sys.modules, "lm_eval.models.huggingface", hf)
+    out = lm_eval_scores("MODEL", "TOK", ["arc_easy"], batch_size=4)
+    assert out == {"lm_eval/arc_easy/acc,none": 0.5}
+    assert seen == {"model": ("HFLM", "MODEL", 4), "tasks": ["arc_easy"]}

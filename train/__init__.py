@@ -1,0 +1,1 @@
+"""The IRIS self-play training harness (see train/README.md); entry point: train/selfplay.py."""

