@@ -36,6 +36,7 @@ setup(
             "pyyaml>=6",
             "tqdm>=4.66",
             "tensorboard>=2.15",
+            "datasets>=2.18",
         ],
         "liger": ["liger-kernel>=0.5"],
         "flash-attn": ["flash-attn>=2.6"],
