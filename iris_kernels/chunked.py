@@ -36,6 +36,16 @@ def valid_rows(targets: torch.Tensor, vocab_size: int, ignore_index: int) -> tor
     return (targets != ignore_index) & (targets >= 0) & (targets < vocab_size)
 
 
+def live_rows(row_ok, targets, grad_logp, grad_lse, grad_entropy, params):
+    """Rows that receive any upstream gradient; the others must contribute exactly zero."""
+    live = row_ok & (grad_logp != 0) if grad_logp is not None else torch.zeros_like(row_ok)
+    if grad_lse is not None:
+        live = live | (grad_lse != 0)
+    if grad_entropy is not None:
+        live = live | ((grad_entropy != 0) & (targets != params.ignore_index))
+    return live
+
+
 def _chunk_logits(h, weight, bias, params):
     return transform_logits(torch.nn.functional.linear(h, weight, bias).to(accumulation_dtype(h.dtype)), params)
 
@@ -64,7 +74,8 @@ def logits_grad(
     if grad_entropy is not None:
         ignored = targets == params.ignore_index
         c = torch.where(ignored, torch.zeros_like(grad_entropy), grad_entropy)
-        grad_z -= c[:, None] * p * (z - mean_z[:, None])
+        # p = 0 where z = -inf: that term is 0, not 0 * inf = NaN.
+        grad_z -= c[:, None] * torch.where(p > 0, p * (z - mean_z[:, None]), 0.0)
     # Chain through the temperature and the soft-cap.
     if params.softcap is not None:
         t = z * (params.temperature / params.softcap)
@@ -93,7 +104,8 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
             lse[sl] = lse_c
             logp[sl] = z.gather(1, safe[sl, None].long()).squeeze(1) - lse_c
             if mean_z is not None:
-                mean_z[sl] = (torch.softmax(z, dim=-1) * z).sum(-1)
+                p = torch.softmax(z, dim=-1)  # renormalised: exp(z - lse) drifts when |z| is huge
+                mean_z[sl] = torch.where(p > 0, p * z, 0.0).sum(-1)
             del z
         logp = finalize_logprobs(logp, targets, V, params.ignore_index)
         if mean_z is not None:
@@ -120,6 +132,7 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         grad_b = torch.zeros(V, dtype=acc, device=weight.device) if need_b else None
         row_ok = valid_rows(targets, V, params.ignore_index)
+        live = live_rows(row_ok, targets, grad_logp, grad_lse, grad_entropy, params)
         for start in range(0, N, chunk):
             sl = slice(start, start + chunk)
             h = hidden[sl]
@@ -136,10 +149,12 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
                 params,
             )
             del z
+            # Rows without upstream gradient add nothing, even with a NaN hidden state.
+            g = torch.where(live[sl, None], g, 0.0)
             if grad_h is not None:
                 grad_h[sl] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
             if grad_w is not None:
-                grad_w.addmm_(g.t(), h.to(acc))
+                grad_w.addmm_(g.t(), torch.where(live[sl, None], h, 0.0).to(acc))
             if grad_b is not None:
                 grad_b += g.sum(0)
         grad_w = None if grad_w is None else grad_w.to(weight.dtype)

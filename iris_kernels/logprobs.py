@@ -62,6 +62,8 @@ def _validate(hidden, weight, targets, bias, temperature, softcap):
         )
     if weight.shape[0] == 0:
         raise ValueError("weight must have at least one row (vocabulary size V > 0)")
+    if hidden.shape[-1] == 0:
+        raise ValueError("hidden must have a hidden size H > 0 (its last dimension is 0)")
     if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
         raise TypeError(f"targets must be an integer tensor, got {targets.dtype}")
     if tuple(targets.shape) != tuple(hidden.shape[:-1]):
@@ -140,7 +142,7 @@ def linear_logprobs(
     temperature, softcap = _validate(hidden, weight, targets, bias, temperature, softcap)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     which = resolve_backend(backend, hidden.device)
     if which is Backend.TRITON:
@@ -164,10 +166,15 @@ def linear_logprobs(
     )
     lead_shape = targets.shape
     flat_hidden = hidden.reshape(-1, H)
-    flat_targets = targets.reshape(-1)
+    # int64 so that ignore_index compares exactly: for uint8 or int32 targets, -100 or 2**32 + 5
+    # would wrap onto a real token id. N x 8 bytes, negligible next to the hidden states.
+    flat_targets = targets.reshape(-1).long()
     if flat_hidden.shape[0] == 0:
-        # Nothing to compute; keep the graph connected so backward still works.
+        # Nothing to compute; keep the graph connected to every input so backward still works.
         empty = flat_hidden.sum(-1).to(accumulation_dtype(hidden.dtype)) * 0.0
+        for t in (weight, bias):
+            if t is not None:
+                empty = empty + t.sum().to(empty.dtype) * 0.0
         logp, lse, entropy = empty, empty.detach(), empty if return_entropy else None
     elif which is Backend.REFERENCE:
         logp, lse, entropy = reference_linear_logprobs(flat_hidden, weight, flat_targets, bias, params)
@@ -177,6 +184,8 @@ def linear_logprobs(
             # The kernels index rows with one stride and assume a unit last-dim stride.
             flat_hidden = flat_hidden if flat_hidden.stride(-1) == 1 else flat_hidden.contiguous()
             weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+            if bias is not None and bias.stride(0) != 1:
+                bias = bias.contiguous()  # the kernels read the bias with unit stride
             flat_targets = flat_targets.contiguous()
         logp, lse, entropy = fn.apply(flat_hidden, weight, flat_targets, bias, params)
         if not return_entropy:
@@ -202,11 +211,25 @@ def shift_labels(labels: torch.Tensor, ignore_index: int, cu_seqlens: Optional[t
         shifted = torch.full_like(labels, ignore_index)
         shifted[..., :-1] = labels[..., 1:]
         return shifted
-    shifted = torch.full_like(labels, ignore_index)
-    shifted[:-1] = labels[1:]
-    last = (cu_seqlens[1:] - 1).clamp(min=0).long()
+    total = labels.shape[0]
+    # One spare slot at the end absorbs the "last position" of empty sequences (and of offsets
+    # past the end), so no host-side check of cu_seqlens is needed.
+    shifted = torch.full((total + 1,), ignore_index, dtype=labels.dtype, device=labels.device)
+    shifted[: total - 1] = labels[1:]
+    starts, ends = cu_seqlens[:-1].long(), cu_seqlens[1:].long()
+    last = torch.where(ends > starts, ends - 1, torch.full_like(ends, total)).clamp(0, total)
     shifted[last] = ignore_index
-    return shifted
+    return shifted[:total]
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> None:
+    """Offsets must start at 0, never decrease and not pass the packed length (synchronises)."""
+    if int(cu_seqlens[0]) != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {int(cu_seqlens[0])}")
+    if bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
+        raise ValueError(f"cu_seqlens must be non-decreasing, got {cu_seqlens.tolist()}")
+    if int(cu_seqlens[-1]) > total:
+        raise ValueError(f"cu_seqlens[-1] = {int(cu_seqlens[-1])} exceeds the packed length {total}")
 
 
 def sequence_logprobs(
@@ -222,6 +245,7 @@ def sequence_logprobs(
     length_normalize: bool = False,
     cu_seqlens: Optional[torch.Tensor] = None,
     backend: Union[str, Backend] = "auto",
+    validate: bool = False,
 ) -> torch.Tensor:
     """Per-sequence summed log-probs s(x, y) = sum_k log p(y_k | ...) over non-ignored labels.
 
@@ -233,6 +257,9 @@ def sequence_logprobs(
         shift: position t predicts label t + 1 (Hugging Face causal-LM convention).
         length_normalize: divide each sum by its number of scored tokens (mean log-prob).
         cu_seqlens: int [B + 1] cumulative sequence lengths of a packed (padding-free) batch.
+            Bad offsets never index out of bounds (positions past cu_seqlens[-1] are dropped).
+        validate: also check that cu_seqlens starts at 0, never decreases and stays within the
+            packed length, and that labels lie in [0, V) (synchronises; off by default).
         Other arguments as in ``linear_logprobs``.
 
     Returns:
@@ -240,6 +267,10 @@ def sequence_logprobs(
     """
     _check_tensor("hidden", hidden)
     _check_tensor("labels", labels)
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if labels.device != hidden.device:
+        raise ValueError(f"labels is on {labels.device} but hidden is on {hidden.device}")
     if cu_seqlens is None:
         if hidden.dim() != 3:
             raise ValueError(f"hidden must be [B, T, H], got shape {tuple(hidden.shape)}")
@@ -266,10 +297,13 @@ def sequence_logprobs(
             )
         if cu_seqlens.device != hidden.device:
             raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but hidden is on {hidden.device}")
+        if validate:
+            check_cu_seqlens(cu_seqlens, labels.shape[0])
+    labels = labels.long()  # exact comparison with ignore_index whatever the labels' dtype
     targets = shift_labels(labels, ignore_index, cu_seqlens) if shift else labels
     token_logp = linear_logprobs(
         hidden, weight, targets, bias=bias, temperature=temperature, softcap=softcap,
-        ignore_index=ignore_index, backend=backend,
+        ignore_index=ignore_index, backend=backend, validate=validate,
     )
     scored = (targets != ignore_index).float()
     if cu_seqlens is None:

@@ -57,6 +57,8 @@ def reference_linear_logprobs(
     entropy = None
     if params.return_entropy:
         # H = -sum p log p; computed from the normalised log-probs for accuracy.
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
+        # p log p with p = 0 (a -inf logit) is 0; a finite stand-in keeps its gradient finite too.
+        p = logp_all.exp()
+        entropy = -(p * torch.where(p > 0, logp_all, 0.0)).sum(-1)
         entropy = torch.where(targets == params.ignore_index, torch.zeros_like(entropy), entropy)
     return logp, lse, entropy

@@ -366,3 +366,25 @@ def test_no_logits_sized_buffer_is_saved_by_the_torch_backend():
     logp, _, _ = ChunkedLinearLogprobs.apply(hidden, weight, targets, None, LogprobsParams(chunk_size=16))
     saved = [t for t in logp.grad_fn.saved_tensors if t is not None]
     assert max(t.numel() for t in saved) < 64 * 500
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_nan_hidden_state_at_an_ignored_position_does_not_poison_gradients(backend):
+    # A fully masked attention row can produce a NaN hidden state at a padding position; it has no
+    # influence on any output, so it must not turn the whole lm_head gradient into NaN.
+    hidden, weight, targets, bias = make_inputs(16, 12, 40, torch.float32, seed=19, bias=True, ignore_frac=0.0)
+    targets[5] = -100
+    hidden[5] = float("nan")
+    upstream = torch.randn(16, generator=torch.Generator().manual_seed(20))
+    got, (gh, gw, gb) = run_with_grads(
+        lambda x, w, b: linear_logprobs(x, w, targets, bias=b, backend=backend), hidden, weight, bias, upstream
+    )
+    clean = hidden.clone()
+    clean[5] = 0.0
+    want, (wh, ww, wb) = run_with_grads(
+        lambda x, w, b: oracle(x, w, targets, b)[0], clean, weight, bias, upstream.double()
+    )
+    assert got[5] == 0.0
+    torch.testing.assert_close(gw.double(), ww.double(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gb.double(), wb.double(), atol=1e-5, rtol=1e-5)
+    assert torch.all(gh[5] == 0)

@@ -67,7 +67,6 @@ def logprobs_bwd_kernel(
     offs_v = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
     n_mask = offs_n < N
     v_mask = offs_v < V
-    tile_mask = n_mask[:, None] & v_mask[None, :]
 
     z = logits_tile(
         hidden_ptr, weight_ptr, bias_ptr, offs_n, offs_v, n_mask, v_mask, H,
@@ -80,19 +79,26 @@ def logprobs_bwd_kernel(
     tgt = tl.load(targets_ptr + offs_n, mask=n_mask, other=-1).to(tl.int64)
     hit = offs_v[None, :] == tgt[:, None]
     g = tl.where(hit, c_lp[:, None], 0.0) - c_lp[:, None] * p
+    # Rows with no upstream gradient (ignored targets, padding) must add exactly nothing, even if
+    # their hidden state is NaN (a fully masked attention row): they are masked out of g and out
+    # of the hidden-state loads below, so 0 * NaN never reaches dW.
+    live = n_mask & (c_lp != 0.0)
     if HAS_GRAD_LSE:
         c_lse = tl.load(grad_lse_ptr + offs_n, mask=n_mask, other=0.0)
         g += c_lse[:, None] * p
+        live = live | (c_lse != 0.0)
     if HAS_GRAD_ENTROPY:
         c_ent = tl.load(grad_entropy_ptr + offs_n, mask=n_mask, other=0.0)
+        live = live | (c_ent != 0.0)
         mean_z = tl.load(mean_z_ptr + offs_n, mask=n_mask, other=0.0)
-        g -= c_ent[:, None] * p * (z - mean_z[:, None])
+        # p = 0 where z = -inf: that term is 0, not 0 * inf = NaN.
+        g -= c_ent[:, None] * tl.where(p > 0.0, p * (z - mean_z[:, None]), 0.0)
     if HAS_SOFTCAP:
         t = z * softcap_scale
         g = g * (1.0 - t * t)
     g = g * inv_temperature
     # Padding rows/columns of the tile hold garbage (p of a zero row); they must add nothing.
-    g = tl.where(tile_mask, g, 0.0)
+    g = tl.where(live[:, None] & v_mask[None, :], g, 0.0)
 
     if NEED_GRAD_BIAS:
         tl.atomic_add(grad_bias_ptr + offs_v, tl.sum(g, axis=0), mask=v_mask, sem="relaxed")
@@ -126,7 +132,7 @@ def logprobs_bwd_kernel(
         if NEED_GRAD_WEIGHT:
             x = tl.load(
                 hidden_ptr + offs_n[:, None] * stride_hn + offs_h[None, :],
-                mask=n_mask[:, None] & h_mask[None, :],
+                mask=live[:, None] & h_mask[None, :],
                 other=0.0,
             )
             if UPCAST:

@@ -67,14 +67,16 @@ def logprobs_fwd_kernel(
         )
         z = tl.where(v_mask[None, :], z, float("-inf"))
         new_max = tl.maximum(run_max, tl.max(z, axis=1))
-        # exp(-inf - finite) = 0 on the first tile; a NaN logit makes new_max or the sum NaN,
-        # which then flows into lse and the log-prob (NaN in, NaN out).
-        rescale = tl.exp(run_max - new_max)
-        p = tl.exp(z - new_max[:, None])
+        # Shift by a finite stand-in while every logit seen so far is -inf (masked columns, or a
+        # -inf bias): exp(-inf - -inf) would be NaN, exp(-inf - 0) is the correct 0. A NaN logit
+        # still makes the sum NaN, which flows into lse and the log-prob (NaN in, NaN out).
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        rescale = tl.exp(run_max - shift)
+        p = tl.exp(z - shift[:, None])
         run_sum = run_sum * rescale + tl.sum(p, axis=1)
         if WITH_ENTROPY:
-            # p is exactly 0 in masked columns, but z is -inf there: multiply by a finite stand-in.
-            run_zsum = run_zsum * rescale + tl.sum(p * tl.where(v_mask[None, :], z, 0.0), axis=1)
+            # p * z with p = 0 and z = -inf is NaN; such terms contribute exactly 0 to E_p[z].
+            run_zsum = run_zsum * rescale + tl.sum(tl.where(p > 0.0, p * z, 0.0), axis=1)
         run_max = new_max
         hit = offs_v[None, :] == tgt[:, None]
         target_z += tl.sum(tl.where(hit, z, 0.0), axis=1)
@@ -90,6 +92,8 @@ def logprobs_fwd_kernel(
 def merge_partials(part_max, part_sum, part_target, part_zsum):
     """Combine the vocabulary splits: lse = M + log sum_s s_s e^(m_s - M); E_p[z] likewise."""
     top = part_max.max(dim=0).values
+    # A row whose logits are all -inf has top = -inf; shift by 0 there (lse = log 0 = -inf).
+    top = torch.where(torch.isneginf(top), torch.zeros_like(top), top)
     scale = torch.exp(part_max - top)
     total = (part_sum * scale).sum(0)
     lse = top + torch.log(total)
