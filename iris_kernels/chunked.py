@@ -21,8 +21,8 @@ import torch
 from .reference import finalize_logprobs, safe_targets, transform_logits
 from .types import LogprobsParams, accumulation_dtype
 
-# A chunk's fp32 logits are about this many elements (8 Mi elements = 32 MiB).
-_CHUNK_ELEMENTS = 1 << 23
+# A chunk's fp32 logits are about this many elements (4 Mi elements = 16 MiB).
+_CHUNK_ELEMENTS = 1 << 22
 
 
 def chunk_size_for(vocab_size: int, params: LogprobsParams) -> int:
@@ -61,28 +61,39 @@ def logits_grad(
     row_ok: torch.Tensor,
     params: LogprobsParams,
 ) -> torch.Tensor:
-    """d(loss)/d(raw logits) for one chunk, from the recomputed logits z and the saved stats."""
-    p = torch.exp(z - lse[:, None])
-    grad_z = torch.zeros_like(z)
+    """d(loss)/d(raw logits) for one chunk, from the recomputed logits z and the saved stats.
+
+    Consumes z: the gradient is written over it, so a chunk costs one [chunk, V] buffer (two
+    with the entropy, whose term needs z next to p).
+    """
+    # Every term but the one-hot is a per-row multiple of p: (c_lse - c_lp) * p.
+    coef = torch.zeros_like(lse)
+    c_lp = None
     if grad_logp is not None:
-        c = torch.where(row_ok, grad_logp, torch.zeros_like(grad_logp))
-        grad_z -= c[:, None] * p
-        idx = safe_targets(targets, z.shape[1])[:, None].long()
-        grad_z.scatter_add_(1, idx, c[:, None])
+        c_lp = torch.where(row_ok, grad_logp, torch.zeros_like(grad_logp))
+        coef -= c_lp
     if grad_lse is not None:
-        grad_z += grad_lse[:, None] * p
+        coef += grad_lse
     if grad_entropy is not None:
         ignored = targets == params.ignore_index
-        c = torch.where(ignored, torch.zeros_like(grad_entropy), grad_entropy)
+        c_ent = torch.where(ignored, torch.zeros_like(grad_entropy), grad_entropy)
+        p = torch.exp(z - lse[:, None])
         # p = 0 where z = -inf: that term is 0, not 0 * inf = NaN.
-        grad_z -= c[:, None] * torch.where(p > 0, p * (z - mean_z[:, None]), 0.0)
-    # Chain through the temperature and the soft-cap.
+        entropy_term = torch.where(p > 0, p * (z - mean_z[:, None]), 0.0)
+        grad = p.mul_(coef[:, None]).sub_(entropy_term.mul_(c_ent[:, None]))
+        del entropy_term
+    elif params.softcap is not None:
+        grad = torch.exp(z - lse[:, None]).mul_(coef[:, None])  # z is still needed for the cap
+    else:
+        grad = z.sub_(lse[:, None]).exp_().mul_(coef[:, None])
+    if c_lp is not None:
+        grad.scatter_add_(1, safe_targets(targets, grad.shape[1])[:, None].long(), c_lp[:, None])
+    # Chain through the soft-cap, 1 - (z tau / cap)^2, and the temperature.
     if params.softcap is not None:
-        t = z * (params.temperature / params.softcap)
-        grad_z = grad_z * (1.0 - t * t)
+        grad.mul_(z.mul_(params.temperature / params.softcap).square_().neg_().add_(1.0))
     if params.temperature != 1.0:
-        grad_z = grad_z / params.temperature
-    return grad_z
+        grad.div_(params.temperature)
+    return grad
 
 
 class ChunkedLinearLogprobs(torch.autograd.Function):
@@ -100,12 +111,20 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
         for start in range(0, N, chunk):
             sl = slice(start, start + chunk)
             z = _chunk_logits(hidden[sl], weight, bias, params)
-            lse_c = torch.logsumexp(z, dim=-1)
-            lse[sl] = lse_c
-            logp[sl] = z.gather(1, safe[sl, None].long()).squeeze(1) - lse_c
+            target_z = z.gather(1, safe[sl, None].long()).squeeze(1)
             if mean_z is not None:
+                lse_c = torch.logsumexp(z, dim=-1)
                 p = torch.softmax(z, dim=-1)  # renormalised: exp(z - lse) drifts when |z| is huge
                 mean_z[sl] = torch.where(p > 0, p * z, 0.0).sum(-1)
+                del p
+            else:
+                # log-sum-exp in place over the chunk's logits (no second [chunk, V] buffer);
+                # a row of -inf logits shifts by 0, giving lse = log 0 = -inf, not NaN.
+                top = z.amax(dim=1)
+                top = torch.where(torch.isneginf(top), torch.zeros_like(top), top)
+                lse_c = top + z.sub_(top[:, None]).exp_().sum(dim=1).log_()
+            lse[sl] = lse_c
+            logp[sl] = target_z - lse_c
             del z
         logp = finalize_logprobs(logp, targets, V, params.ignore_index)
         if mean_z is not None:
@@ -150,7 +169,7 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
             )
             del z
             # Rows without upstream gradient add nothing, even with a NaN hidden state.
-            g = torch.where(live[sl, None], g, 0.0)
+            g.masked_fill_(~live[sl, None], 0.0)
             if grad_h is not None:
                 grad_h[sl] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
             if grad_w is not None:

@@ -131,7 +131,7 @@ def linear_logprobs(
         return_lse / return_entropy: also return the log-sum-exp / the entropy per position
             (both differentiable); the result is then a ``LinearLogprobsOutput``.
         backend: "auto" (Triton on CUDA, torch elsewhere), "triton", "torch" or "reference".
-        chunk_size: tokens per chunk for the torch backend (default: from V, ~32 MiB of logits).
+        chunk_size: tokens per chunk for the torch backend (default: from V, ~16 MiB of logits).
         validate: also check that targets lie in [0, V) (synchronises with the device; off by
             default). Without it an out-of-range target never reads out of bounds and yields NaN.
 

@@ -31,7 +31,7 @@ class LogprobsParams:
     temperature: float = 1.0
     softcap: Optional[float] = None
     return_entropy: bool = False
-    # torch backend: tokens per chunk (None = chosen from V so a chunk's logits stay ~32 MiB).
+    # torch backend: tokens per chunk (None = chosen from V so a chunk's logits stay ~16 MiB).
     chunk_size: Optional[int] = None
 
 
