@@ -36,7 +36,7 @@ This module is pure PyTorch and imports nothing else from the package at import 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional
 
 import torch
@@ -177,6 +177,9 @@ class StepStats:
     grad_scale: float
     world_size: int
     num_micro_batches: int
+    # The loss hyper-parameters (alpha, beta, mu, ...) the statistics were made with; a loss
+    # called with other values refuses them.
+    hparams: Mapping[str, Any] = field(default_factory=dict)
 
 
 class StepNormalizer:
@@ -268,6 +271,7 @@ class StepNormalizer:
                 grad_scale=float(ws * self.accumulation_divisor),
                 world_size=ws,
                 num_micro_batches=len(self._parts),
+                hparams=dict(self.hparams),
             )
             self._parts = []
         return self._stats

@@ -170,7 +170,11 @@ class _TiltedParams:
 
 
 class _TiltedRisk(torch.autograd.Function):
-    """ℓ [N], t (0-dim fp64), stats (global/precomputed or None) -> (κ fp32, statistics used)."""
+    """ℓ [N], t (0-dim fp64), stats (global/precomputed or None) -> (κ, statistics used).
+
+    κ stays in the accumulation dtype (fp64): a loss adds its terms before the one cast to fp32,
+    so two large terms that cancel do not each carry an fp32 rounding error into the sum.
+    """
 
     @staticmethod
     def forward(ctx, x, t, stats, params: _TiltedParams):
@@ -181,7 +185,7 @@ class _TiltedRisk(torch.autograd.Function):
         ctx.save_for_backward(x, t, stats)
         ctx.params = params
         ctx.mark_non_differentiable(stats)
-        return kappa.float(), stats
+        return kappa, stats
 
     @staticmethod
     @once_differentiable
@@ -191,7 +195,7 @@ class _TiltedRisk(torch.autograd.Function):
         # dL/dℓ_i = dL/dκ · softmax(t·ℓ)_i (the backward kernel's comment has the derivation).
         if p.backend == "triton":
             acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-            dx = _tilted_ops.tilted_risk_bwd(x, t, stats, grad_kappa, p.grad_scale, acc)
+            dx = _tilted_ops.tilted_risk_bwd(x, t, stats, grad_kappa.float(), p.grad_scale, acc)
         else:
             dx = _tilted_weights_torch(x, t, stats) * (grad_kappa.to(t.dtype) * p.grad_scale)
         return dx.to(x.dtype), None, None, None
@@ -207,7 +211,9 @@ def _as_t(name: str, t: Union[float, torch.Tensor], device: torch.device) -> tor
             raise TypeError(f"{name} must be a real number, got a {t.dtype} tensor")
         if t.requires_grad:
             raise ValueError(f"{name} must not require grad: the losses are not differentiated with respect to it")
-        return t.detach().to(device=device, dtype=acc, non_blocking=True)
+        # non_blocking only towards an accelerator: a non-blocking copy to the CPU may be read
+        # before it has landed.
+        return t.detach().to(device=device, dtype=acc, non_blocking=device.type != "cpu")
     if isinstance(t, bool) or not isinstance(t, (int, float)):
         raise TypeError(f"{name} must be a Python float or a 0-dim tensor, got {type(t).__name__}")
     if not math.isfinite(t):
@@ -242,20 +248,20 @@ def tilted_risk(losses: torch.Tensor, t: Union[float, torch.Tensor], *, backend:
     be = _resolve_backend(backend, losses.device)
     tt = _as_t("t", t, losses.device)
     kappa, _ = _TiltedRisk.apply(losses, tt, None, _TiltedParams(be))
-    return kappa
+    return kappa.float()
 
 
 # =============================================================================================
 # Plain (ratio) terms: value = Σ ℓ_i / D, D = count (a mean) or a token count (SFT)
 # =============================================================================================
 class _Ratio(torch.autograd.Function):
-    """ℓ [N], stats [Σℓ, D] (local or global) -> Σℓ/D as fp32; dL/dℓ_i = grad_scale · dL/dvalue / D."""
+    """ℓ [N], stats [Σℓ, D] (local or global) -> Σℓ/D (accumulation dtype); dL/dℓ_i = grad_scale · dL/dvalue / D."""
 
     @staticmethod
     def forward(ctx, x, stats, grad_scale: float):
         ctx.save_for_backward(stats)
         ctx.shape, ctx.dtype, ctx.grad_scale = x.shape, x.dtype, grad_scale
-        return (stats[NUMERATOR] / stats[DENOMINATOR]).float()
+        return stats[NUMERATOR] / stats[DENOMINATOR]
 
     @staticmethod
     @once_differentiable
@@ -291,8 +297,9 @@ def _reduce_terms(
     group: Any,
     stats: Optional[StepStats],
     backend: str,
+    hparams: Optional[Mapping[str, Any]] = None,
 ) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
-    """Each term's fp32 value under the scope, and the statistics (local or global) it used."""
+    """Each term's value (accumulation dtype) under the scope, and the statistics it used."""
     check_scope(scope)
     device = next(iter(terms.values())).ell.device
     be = _resolve_backend(backend, device)
@@ -307,6 +314,7 @@ def _reduce_terms(
             raise ValueError(f"stats were computed for scope {stats.scope!r} but scope={scope!r}")
         if set(stats.terms) != set(terms):
             raise ValueError(f"stats hold terms {sorted(stats.terms)}, the loss has {sorted(terms)}")
+        _check_stats_hparams(stats, hparams or {})
         used, grad_scale = dict(stats.terms), stats.grad_scale
     elif scope == "global" and world_size(group) > 1:
         with torch.no_grad():
@@ -326,6 +334,24 @@ def _reduce_terms(
 
 
 # --------------------------------------------------------------------------------------------- validation
+def _check_stats_hparams(stats: StepStats, hparams: Mapping[str, Any]) -> None:
+    """Statistics made under another α, β or μ would silently give another loss: refuse them.
+
+    Python numbers are compared; a tensor hyper-parameter only by identity (comparing values
+    would synchronise with the device).
+    """
+    for name, value in hparams.items():
+        if name not in stats.hparams:
+            continue
+        made = stats.hparams[name]
+        if isinstance(made, torch.Tensor) or isinstance(value, torch.Tensor):
+            same = made is value or not (isinstance(made, torch.Tensor) and isinstance(value, torch.Tensor))
+        else:
+            same = made == value
+        if not same:
+            raise ValueError(f"stats were computed with {name}={made!r}, but this call has {name}={value!r}")
+
+
 def _check_logps(name: str, x: Any) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of per-sequence log-probs, got {type(x).__name__}")
@@ -472,8 +498,9 @@ def iris_loss(
     """
     _check_options(scope, backend)
     terms, extras = _iris_terms(policy_real, policy_syn, ref_real, ref_syn, alpha=alpha, beta=beta)
-    values, used = _reduce_terms("iris", terms, scope=scope, group=group, stats=stats, backend=backend)
-    loss = values["real"] + values["syn"]
+    values, used = _reduce_terms("iris", terms, scope=scope, group=group, stats=stats, backend=backend,
+                                 hparams={"alpha": alpha, "beta": beta})
+    loss = (values["real"] + values["syn"]).float()  # one rounding, after the terms are summed in fp64
     if return_metrics:
         return loss, _iris_metrics(loss, values, used, extras)
     return loss
@@ -504,6 +531,7 @@ def _pair_metrics(loss, values, stats, extras):
     return _detached(
         {
             "loss": loss,
+            "estimate": -loss,
             "real/mean_g": extras["g_real"].mean(),
             "syn/mean_g": extras["g_syn"].mean(),
             "margin": z.mean(),
@@ -515,8 +543,9 @@ def _pair_metrics(loss, values, stats, extras):
 def _pair_loss(name, policy_real, policy_syn, ref_real, ref_syn, *, beta, variant, return_metrics, scope, group, stats, backend):
     _check_options(scope, backend)
     terms, extras = _pair_terms(policy_real, policy_syn, ref_real, ref_syn, beta=beta, variant=variant)
-    values, used = _reduce_terms(name, terms, scope=scope, group=group, stats=stats, backend=backend)
-    loss = values["pair"]
+    values, used = _reduce_terms(name, terms, scope=scope, group=group, stats=stats, backend=backend,
+                                 hparams={"beta": beta, "variant": variant})
+    loss = values["pair"].float()
     if return_metrics:
         return loss, _pair_metrics(loss, values, used, extras)
     return loss
@@ -591,7 +620,9 @@ def _space_terms(policy_real, policy_syn, ref_real, ref_syn, *, mu: float = 1.0,
 
 
 def _mean_g_metrics(loss, values, stats, extras):
-    return _detached({"loss": loss, "real/mean_g": extras["g_real"].mean(), "syn/mean_g": extras["g_syn"].mean()})
+    return _detached(
+        {"loss": loss, "estimate": -loss, "real/mean_g": extras["g_real"].mean(), "syn/mean_g": extras["g_syn"].mean()}
+    )
 
 
 def space_loss(
@@ -618,8 +649,9 @@ def space_loss(
     """
     _check_options(scope, backend)
     terms, extras = _space_terms(policy_real, policy_syn, ref_real, ref_syn, mu=mu, beta=beta)
-    values, used = _reduce_terms("space", terms, scope=scope, group=group, stats=stats, backend=backend)
-    loss = values["real"] + values["syn"]
+    values, used = _reduce_terms("space", terms, scope=scope, group=group, stats=stats, backend=backend,
+                                 hparams={"mu": mu, "beta": beta})
+    loss = (values["real"] + values["syn"]).float()  # one rounding, after the terms are summed in fp64
     if return_metrics:
         return loss, _mean_g_metrics(loss, values, used, extras)
     return loss
@@ -657,33 +689,43 @@ def chi2_loss(
     """
     _check_options(scope, backend)
     terms, extras = _chi2_terms(policy_real, policy_syn, ref_real, ref_syn, beta=beta)
-    values, used = _reduce_terms("chi2", terms, scope=scope, group=group, stats=stats, backend=backend)
-    loss = values["real"] + values["syn"]
+    values, used = _reduce_terms("chi2", terms, scope=scope, group=group, stats=stats, backend=backend,
+                                 hparams={"beta": beta})
+    loss = (values["real"] + values["syn"]).float()  # one rounding, after the terms are summed in fp64
     if return_metrics:
         return loss, _mean_g_metrics(loss, values, used, extras)
     return loss
 
 
-def _sft_terms(policy_real, policy_syn=None, ref_real=None, ref_syn=None, *, num_tokens_real):
+def _sft_terms(policy_real, policy_syn=None, ref_real=None, ref_syn=None, *, num_tokens_real=None):
     _check_logps("policy_real", policy_real)
-    if not isinstance(num_tokens_real, torch.Tensor):
-        raise TypeError(
-            "num_tokens_real must be a tensor [n] of per-sequence response-token counts, got "
-            f"{type(num_tokens_real).__name__}"
-        )
-    if num_tokens_real.dtype == torch.bool or num_tokens_real.dtype.is_complex:
-        raise TypeError(f"num_tokens_real must be an integer or float tensor, got {num_tokens_real.dtype}")
-    if num_tokens_real.shape != policy_real.shape:
-        raise ValueError(
-            f"num_tokens_real shape {tuple(num_tokens_real.shape)} must equal policy_real shape {tuple(policy_real.shape)}"
-        )
-    if num_tokens_real.device != policy_real.device:
-        raise ValueError(f"num_tokens_real is on {num_tokens_real.device} but policy_real is on {policy_real.device}")
+    if num_tokens_real is not None:
+        if not isinstance(num_tokens_real, torch.Tensor):
+            raise TypeError(
+                "num_tokens_real must be a tensor [n] of per-sequence response-token counts, got "
+                f"{type(num_tokens_real).__name__}"
+            )
+        if num_tokens_real.dtype == torch.bool or num_tokens_real.dtype.is_complex:
+            raise TypeError(f"num_tokens_real must be an integer or float tensor, got {num_tokens_real.dtype}")
+        if num_tokens_real.shape != policy_real.shape:
+            raise ValueError(
+                f"num_tokens_real shape {tuple(num_tokens_real.shape)} must equal policy_real shape "
+                f"{tuple(policy_real.shape)}"
+            )
+        if num_tokens_real.device != policy_real.device:
+            raise ValueError(
+                f"num_tokens_real is on {num_tokens_real.device} but policy_real is on {policy_real.device}"
+            )
     acc = _acc_dtype(policy_real.device)
     s = policy_real.to(acc)
     # Token-level mean over the batch, −Σ_i s_i / Σ_i T_i (what a causal-LM cross-entropy over the
     # response tokens gives): ∂/∂s_i = −1/Σ T. Under the "global" scope Σ T is the step's total.
-    term = _Term(RATIO, -s, denominator=num_tokens_real.detach().to(acc).sum())
+    # Without token counts, the sequence-level mean −Σ_i s_i / n.
+    if num_tokens_real is None:
+        denominator = torch.full((), float(s.shape[0]), dtype=acc, device=s.device)
+    else:
+        denominator = num_tokens_real.detach().to(acc).sum()
+    term = _Term(RATIO, -s, denominator=denominator)
     return {"real": term}, {"s_real": s.detach()}
 
 
@@ -693,7 +735,7 @@ def sft_loss(
     ref_real: Optional[torch.Tensor] = None,
     ref_syn: Optional[torch.Tensor] = None,
     *,
-    num_tokens_real: torch.Tensor,
+    num_tokens_real: Optional[torch.Tensor] = None,
     return_metrics: bool = False,
     scope: str = "rank",
     group: Any = None,
@@ -705,7 +747,9 @@ def sft_loss(
         L = −Σ_i s_θ(y_i) / Σ_i T_i
 
     where ``num_tokens_real`` [n] holds T_i, the number of response tokens summed into
-    ``policy_real[i]`` (counts must be positive; not checked, which would sync). The synthetic and
+    ``policy_real[i]`` (counts must be positive; not checked, which would sync). Without it
+    (``None``, so that the common four-argument call works) the loss is the sequence-level mean
+    −Σ_i s_θ(y_i) / n. The synthetic and
     reference arguments are accepted for the common signature and ignored (pass None). Under the
     "global" scope or with ``stats`` the token total is the whole step's. Metrics: ``loss``,
     ``real/mean_s`` (mean summed log-prob, local).
@@ -713,7 +757,7 @@ def sft_loss(
     _check_options(scope, backend)
     terms, extras = _sft_terms(policy_real, policy_syn, ref_real, ref_syn, num_tokens_real=num_tokens_real)
     values, used = _reduce_terms("sft", terms, scope=scope, group=group, stats=stats, backend=backend)
-    loss = values["real"]
+    loss = values["real"].float()
     if return_metrics:
         return loss, _detached({"loss": loss, "real/mean_s": extras["s_real"].mean()})
     return loss

@@ -308,12 +308,13 @@ def test_baseline_metrics():
     pr, ps, rr, rs = make_batch(8, 8, 1.0, 0.1, seed=12)
     _, m = spin_loss(pr, ps, rr, rs, return_metrics=True)
     z = 0.1 * ((pr.double() - rr.double()) - (ps.double() - rs.double()))
-    assert set(m) == {"loss", "real/mean_g", "syn/mean_g", "margin", "accuracy"}
+    assert set(m) == {"loss", "estimate", "real/mean_g", "syn/mean_g", "margin", "accuracy"}
     assert m["margin"].item() == pytest.approx(z.mean().item(), rel=1e-6)
     assert m["accuracy"].item() == pytest.approx((z > 0).double().mean().item())
     for fn in (space_loss, chi2_loss):
         _, m = fn(pr, ps, rr, rs, return_metrics=True)
-        assert set(m) == {"loss", "real/mean_g", "syn/mean_g"}
+        assert set(m) == {"loss", "estimate", "real/mean_g", "syn/mean_g"}
+        assert m["estimate"] == -m["loss"]
         assert m["real/mean_g"].item() == pytest.approx((pr.double() - rr.double()).mean().item(), rel=1e-6)
     _, m = sft_loss(pr, num_tokens_real=torch.full((8,), 3), return_metrics=True)
     assert set(m) == {"loss", "real/mean_s"}
@@ -431,3 +432,10 @@ def test_no_host_sync_on_cuda():
             _call(name, pr, ps, rr, rs).backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_sft_takes_the_common_four_argument_call():
+    g = torch.Generator().manual_seed(0)
+    pr = -torch.rand(5, generator=g, dtype=torch.float64) * 20
+    loss = get_loss("sft")(pr, pr.flip(0), pr, pr)
+    assert loss.item() == pytest.approx(-pr.mean().item(), rel=1e-6)
