@@ -14,7 +14,7 @@ import torch
 from .chunked import valid_rows
 from .ops.logprobs_bwd import logprobs_bwd
 from .ops.logprobs_fwd import logprobs_fwd
-from .reference import finalize_logprobs
+from .reference import entropy_from_stats, finalize_logprobs
 from .types import LogprobsParams
 
 
@@ -55,8 +55,7 @@ class TritonLinearLogprobs(torch.autograd.Function):
         )
         logp = finalize_logprobs(target_z - lse, targets, V, params.ignore_index)
         if params.return_entropy:
-            entropy = lse - mean_z
-            entropy = torch.where(targets == params.ignore_index, torch.zeros_like(entropy), entropy)
+            entropy = entropy_from_stats(lse, mean_z, targets, params.ignore_index)
         else:
             entropy = torch.empty(0, dtype=torch.float32, device=hidden.device)
         ctx.params = params

@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from .reference import finalize_logprobs, safe_targets, transform_logits
+from .reference import entropy_from_stats, finalize_logprobs, safe_targets, transform_logits
 from .types import LogprobsParams, accumulation_dtype
 
 # A chunk's fp32 logits are about this many elements (4 Mi elements = 16 MiB).
@@ -128,8 +128,7 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
             del z
         logp = finalize_logprobs(logp, targets, V, params.ignore_index)
         if mean_z is not None:
-            entropy = lse - mean_z
-            entropy = torch.where(targets == params.ignore_index, torch.zeros_like(entropy), entropy)
+            entropy = entropy_from_stats(lse, mean_z, targets, params.ignore_index)
         else:
             entropy = torch.empty(0, dtype=acc, device=hidden.device)
         ctx.params = params

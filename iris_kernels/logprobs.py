@@ -222,6 +222,18 @@ def shift_labels(labels: torch.Tensor, ignore_index: int, cu_seqlens: Optional[t
     return shifted[:total]
 
 
+def packed_sums(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Per-sequence sums [B] of a packed [total] tensor; device ops only, no host sync.
+
+    Positions past cu_seqlens[-1] (padding at the end of a pack) land in a spare slot and are
+    dropped.
+    """
+    num_seqs = cu_seqlens.shape[0] - 1
+    positions = torch.arange(values.shape[0], device=values.device)
+    seq_id = torch.searchsorted(cu_seqlens[1:].to(positions.dtype), positions, right=True)
+    return values.new_zeros(num_seqs + 1).index_add(0, seq_id.clamp(max=num_seqs), values)[:num_seqs]
+
+
 def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> None:
     """Offsets must start at 0, never decrease and not pass the packed length (synchronises)."""
     if int(cu_seqlens[0]) != 0:
@@ -309,13 +321,7 @@ def sequence_logprobs(
     if cu_seqlens is None:
         sums, counts = token_logp.sum(-1), scored.sum(-1)
     else:
-        num_seqs = cu_seqlens.shape[0] - 1
-        positions = torch.arange(labels.shape[0], device=labels.device)
-        seq_id = torch.searchsorted(cu_seqlens[1:].to(positions.dtype), positions, right=True)
-        # Positions past cu_seqlens[-1] (padding at the end of a pack) are dropped.
-        seq_id = torch.where(seq_id < num_seqs, seq_id, torch.full_like(seq_id, num_seqs))
-        sums = token_logp.new_zeros(num_seqs + 1).index_add(0, seq_id, token_logp)[:num_seqs]
-        counts = scored.new_zeros(num_seqs + 1).index_add(0, seq_id, scored)[:num_seqs]
+        sums, counts = packed_sums(token_logp, cu_seqlens), packed_sums(scored, cu_seqlens)
     if length_normalize:
         return sums / counts.clamp(min=1.0)
     return sums

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from .distributed import StepNormalizer, StepStats, check_scope
-from .logprobs import sequence_logprobs, shift_labels
+from .logprobs import packed_sums, sequence_logprobs, shift_labels
 from .losses import get_loss
 from .schedules import AlphaSchedule, make_schedule
 from .types import Backend
@@ -137,10 +137,7 @@ def token_counts(
     scored = (targets != ignore_index).float()
     if cu_seqlens is None:
         return scored.sum(-1)
-    num_seqs = cu_seqlens.shape[0] - 1
-    positions = torch.arange(labels.shape[0], device=labels.device)
-    seq_id = torch.searchsorted(cu_seqlens[1:].to(positions.dtype), positions, right=True)
-    return scored.new_zeros(num_seqs + 1).index_add(0, seq_id.clamp(max=num_seqs), scored)[:num_seqs]
+    return packed_sums(scored, cu_seqlens)
 
 
 class SelfPlayLoss(nn.Module):

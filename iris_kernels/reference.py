@@ -34,6 +34,12 @@ def finalize_logprobs(
     return torch.where(ignored, torch.zeros_like(logp), logp)
 
 
+def entropy_from_stats(lse, mean_z, targets, ignore_index):
+    """Entropy Hk = lse - E_p[z] from the streamed statistics; 0.0 at ignored positions."""
+    entropy = lse - mean_z
+    return torch.where(targets == ignore_index, torch.zeros_like(entropy), entropy)
+
+
 def safe_targets(targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Targets clamped into [0, V) so that a gather can never read out of bounds."""
     return targets.clamp(0, vocab_size - 1)
