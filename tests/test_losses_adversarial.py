@@ -5,12 +5,12 @@ loss in 40-digit arithmetic (mpmath, so tiny tilts such as α = 1e-12 are exact 
 1/α-amplified fp64 rounding), the baselines and their gradients written out by hand from
 iris-math §5. Known failures are kept as strict xfails with the reason.
 """
-import contextlib
 import math
 
 import mpmath
 import pytest
 import torch
+from host_sync import forbid_host_sync
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -137,24 +137,6 @@ def loss_and_grads(fn, pr, ps, rr, rs, **kw):
     return out, gr, gs
 
 
-@contextlib.contextmanager
-def forbid_host_sync():
-    """Every Python-level way to read a tensor back to the host raises while active."""
-    names = ["item", "__bool__", "__int__", "__float__", "__index__", "tolist", "numpy", "cpu"]
-    saved = {n: getattr(torch.Tensor, n) for n in names}
-
-    def trap(name):
-        def f(*args, **kwargs):
-            raise AssertionError(f"host sync through Tensor.{name}")
-        return f
-
-    try:
-        for n in names:
-            setattr(torch.Tensor, n, trap(n))
-        yield
-    finally:
-        for n, f in saved.items():
-            setattr(torch.Tensor, n, f)
 
 
 # ============================================================================================
