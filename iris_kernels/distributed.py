@@ -92,10 +92,13 @@ def merge_stats(kind: str, stacked: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"unknown statistics kind {kind!r}")
     cnt = stacked[:, COUNT]
     total = cnt.sum()
-    # Log-sum-exp parts: bring every part's sums to the common shift max_p TMAX_p. Empty parts
-    # (TMAX = -inf) get exp(-inf) = 0.
-    tmax = stacked[:, TMAX].max()
-    rescale = torch.exp(stacked[:, TMAX] - tmax)
+    # Log-sum-exp parts: bring every part's sums to the common shift max_p TMAX_p. A part whose
+    # sum is 0 (empty, or every t·ℓ = -inf) has no shift to speak of and is left out of the max;
+    # a shift is 0 where the max is infinite (as the kernel does).
+    shifts = torch.where(stacked[:, SUMEXP] == 0, torch.full_like(stacked[:, TMAX], float("-inf")), stacked[:, TMAX])
+    tmax = shifts.max()
+    tmax = torch.where(torch.isinf(tmax), torch.zeros_like(tmax), tmax)
+    rescale = torch.where(torch.isneginf(shifts), torch.zeros_like(shifts), torch.exp(shifts - tmax))
     sumexp = (stacked[:, SUMEXP] * rescale).sum()
     sumexp2 = (stacked[:, SUMEXP2] * rescale * rescale).sum()
     # Central moments. For part p with mean μ_p and offset δ_p = μ_p − μ from the merged mean,

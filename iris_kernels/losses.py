@@ -102,6 +102,11 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def _tilt(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """t·x, with t = 0 tilting nothing, even an infinite x (0·inf would be NaN)."""
+    return torch.where(t == 0, torch.zeros_like(x), t * x)
+
+
 def _tilted_stats_torch(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """The kernel's statistics vector (layout in iris_kernels.distributed), in PyTorch.
 
@@ -109,8 +114,9 @@ def _tilted_stats_torch(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     results agree to rounding, which the tests check.
     """
     x = x.to(t.dtype)
-    tx = t * x
+    tx = _tilt(x, t)
     tmax = tx.max()
+    tmax = torch.where(torch.isinf(tmax), torch.zeros_like(tmax), tmax)  # the shift; see the kernel
     e = torch.exp(tx - tmax)
     mean = x.mean()
     dev = x - mean
@@ -150,7 +156,7 @@ def kappa_from_stats(stats: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 def _tilted_weights_torch(x: torch.Tensor, t: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
     # softmax(t·x) under the shift and normaliser of `stats` (local or global); derivation beside
     # the backward kernel in ops/tilted_risk.py.
-    w = torch.exp(t * x.to(t.dtype) - stats[TMAX]) / stats[SUMEXP]
+    w = torch.exp(_tilt(x.to(t.dtype), t) - stats[TMAX]) / stats[SUMEXP]
     return torch.where(stats[NANS] > 0, torch.full_like(w, float("nan")), w)
 
 

@@ -333,3 +333,20 @@ def test_two_gloo_ranks_match_single_process(tmp_path):
         assert not torch.allclose(ranks[0][case][0], ref[ref_case][0], rtol=1e-3, atol=1e-6), case
     torch.testing.assert_close(ranks[0]["iris-rank"][0], ranks[1]["iris-rank"][0])  # still DDP-averaged
     assert math.isfinite(ranks[0]["iris-rank"][1].item())
+
+
+def test_merge_keeps_a_part_whose_entries_are_all_minus_infinity_out_of_the_shift():
+    # A part with every t·ℓ = -inf contributes nothing; it must not pull the common shift to 0 and
+    # wash out a part whose log-sum-exp sits far below it.
+    from iris_kernels.distributed import TILTED as _TILTED
+    from iris_kernels.distributed import merge_stats
+    from iris_kernels.losses import _tilted_stats_torch, kappa_from_stats
+
+    t = torch.tensor(1.0, dtype=torch.float64)
+    low = torch.tensor([-1000.0, -1001.5, -999.0], dtype=torch.float64)
+    dead = torch.tensor([-float("inf"), -float("inf")], dtype=torch.float64)
+    merged = merge_stats(_TILTED, torch.stack([_tilted_stats_torch(dead, t), _tilted_stats_torch(low, t)]))
+    whole = _tilted_stats_torch(torch.cat([dead, low]), t)
+    assert kappa_from_stats(merged, t).item() == pytest.approx(kappa_from_stats(whole, t).item(), rel=1e-12)
+    want = (torch.logsumexp(torch.cat([dead, low]), 0) - math.log(5)).item()
+    assert kappa_from_stats(merged, t).item() == pytest.approx(want, rel=1e-12)

@@ -445,11 +445,6 @@ def test_iris_nan_in_nan_out(backend, where):
     assert torch.isnan(metrics[f"{term}/ess"]) and torch.isnan(metrics[f"{term}/max_weight"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an infinite entry that dominates the tilt (t·ℓ = +inf) gives NaN instead of ±inf: "
-    "exp(tx − TMAX) = exp(inf − inf); torch.logsumexp returns inf there",
-)
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy sees inf − inf
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_tilted_risk_infinite_entries_give_infinite_value(backend):
@@ -462,11 +457,6 @@ def test_tilted_risk_infinite_entries_give_infinite_value(backend):
     assert iris_loss(pr, ps, rr, rs, alpha=0.5, backend=backend).item() == inf
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="at t = 0 the backward forms exp(t·ℓ − TMAX) = exp(0·inf) = NaN for an infinite ℓ; "
-    "the mean's gradient is 1/N regardless",
-)
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy sees inf − inf
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_tilted_risk_gradient_at_zero_with_infinite_entry(backend):

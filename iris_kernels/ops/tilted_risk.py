@@ -17,7 +17,7 @@ Statistics layout (fp64, NUM_STATS values). The vector is mergeable: the stats o
 batch follow from the stats of its parts (see ``iris_kernels.distributed.merge_stats``), which is
 what global normalisation over micro-batches and ranks uses.
     COUNT    N
-    TMAX     max_i t·ℓ_i                     (the log-sum-exp shift)
+    TMAX     max_i t·ℓ_i                     (the log-sum-exp shift; 0 where that max is ±inf)
     SUMEXP   Σ_i exp(t·ℓ_i − TMAX)           (≥ 1)
     SUMEXP2  Σ_i exp(2·(t·ℓ_i − TMAX))       (for the effective sample size 1/Σw²)
     MEAN     (1/N)·Σ_i ℓ_i
@@ -75,7 +75,7 @@ def _tilted_risk_fwd_kernel(
 
     cnt = tl.full([], 0.0, tl.float64)
     nans = tl.full([], 0.0, tl.float64)
-    tmax = tl.full([], neg_inf, tl.float64)
+    run_max = tl.full([], neg_inf, tl.float64)
     sumexp = tl.full([], 0.0, tl.float64)
     sumexp2 = tl.full([], 0.0, tl.float64)
     mean = tl.full([], 0.0, tl.float64)
@@ -93,13 +93,21 @@ def _tilted_risk_fwd_kernel(
 
         # Online log-sum-exp: rescale the running sums to the new shift. exp(-inf - finite) = 0
         # makes the first block need no special case.
-        tx = tl.where(mask, t * x, neg_inf)
-        new_max = tl.maximum(tmax, tl.max(tx, axis=0))
-        rescale = tl.exp(tmax - new_max)
-        e = tl.where(mask, tl.exp(tx - new_max), 0.0)
+        # t = 0 tilts nothing, even an infinite ℓ (0·inf would be NaN).
+        tx = tl.where(mask, tl.where(t == 0.0, 0.0, t * x), neg_inf)
+        new_max = tl.maximum(run_max, tl.max(tx, axis=0))
+        # The shift is the running max while it is finite and 0 while it is ±inf: with every
+        # entry -inf so far, exp(-inf - 0) = 0; with an entry at t·ℓ = +inf the sum becomes inf
+        # and κ = ±inf, as log-sum-exp gives, where exp(inf - inf) would have made it NaN.
+        old_shift = tl.where((run_max == float("inf")) | (run_max == neg_inf), 0.0, run_max)
+        new_shift = tl.where((new_max == float("inf")) | (new_max == neg_inf), 0.0, new_max)
+        # Nothing accumulated yet (run_max = -inf): the sums are 0, rescale them by 0, not by
+        # exp(0 - new_shift), which may overflow to inf (and 0 · inf = NaN).
+        rescale = tl.where(run_max == neg_inf, 0.0, tl.exp(old_shift - new_shift))
+        e = tl.where(mask, tl.exp(tx - new_shift), 0.0)
         sumexp = sumexp * rescale + tl.sum(e, axis=0)
         sumexp2 = sumexp2 * rescale * rescale + tl.sum(e * e, axis=0)
-        tmax = new_max
+        run_max = new_max
 
         # Central moments of the block, then the pairwise merge (Chan et al. for M2, Pébay for M3).
         # With d = mean_b − mean_a, n = n_a + n_b, every x of part a sits at (x − mean_a) − d·n_b/n
@@ -125,6 +133,8 @@ def _tilted_risk_fwd_kernel(
 
         lmax = tl.maximum(lmax, tl.max(tl.where(mask, x, neg_inf), axis=0))
         lmin = tl.minimum(lmin, tl.min(tl.where(mask, x, float("inf")), axis=0))
+
+    tmax = tl.where((run_max == float("inf")) | (run_max == neg_inf), 0.0, run_max)  # the final shift
 
     # κ_t from the statistics; mirrors iris_kernels.losses.kappa_from_stats (tested to agree).
     use_series = (t == 0.0) | (tl.abs(t) * (lmax - lmin) <= SERIES_EPS)
@@ -176,7 +186,8 @@ def _tilted_risk_bwd_kernel(
     nans = tl.load(stats_ptr + 9)
     g = tl.load(grad_ptr).to(tl.float64) * grad_scale
     # Lanes past n loaded 0.0; keep their exponent at 0 so they cannot overflow (never stored).
-    w = tl.exp(tl.where(mask, t * x - tmax, 0.0)) / sumexp
+    tx = tl.where(t == 0.0, 0.0, t * x)  # at t = 0 every weight is 1/N, infinite ℓ included
+    w = tl.exp(tl.where(mask, tx - tmax, 0.0)) / sumexp
     w = tl.where(nans > 0.0, float("nan"), w)
     tl.store(dx_ptr + offs, (w * g).to(dx_ptr.dtype.element_ty), mask=mask)
 
