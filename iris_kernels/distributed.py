@@ -236,6 +236,7 @@ class StepNormalizer:
         for reserved in ("stats", "scope", "group", "return_metrics"):
             if reserved in hparams:
                 raise ValueError(f"{reserved!r} is set by StepNormalizer, not passed as a hyper-parameter")
+        self._losses.check_loss_hparams(self.loss_name, hparams)  # fail at construction, not at observe()
         self.group = group
         self.accumulation_divisor = accumulation_divisor
         self.hparams = dict(hparams)

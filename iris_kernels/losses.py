@@ -20,6 +20,7 @@ float dtype on any device; no function here calls ``.item()`` or otherwise syncs
 """
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from dataclasses import dataclass
@@ -796,6 +797,39 @@ def get_loss(name: str) -> Callable:
     if not isinstance(name, str) or name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; valid names: {', '.join(sorted(LOSSES))}")
     return LOSSES[name]
+
+
+# Per-batch keywords: they go with each call, not with the loss's configuration.
+_BATCH_KEYWORDS = frozenset({"num_tokens_real"})
+_CALL_KEYWORDS = frozenset({"return_metrics", "scope", "group", "stats"})
+
+
+def check_loss_hparams(name: str, hparams: Mapping[str, Any], *, partial: bool = False) -> None:
+    """Validate a loss's hyper-parameters up front (names and values), before any batch is seen.
+
+    Unknown names, α < 0 or non-finite, β or μ ≤ 0 and an unknown SPIN/DPO variant raise
+    ValueError/TypeError naming the argument. A tensor α is accepted unchecked (checking its sign
+    would synchronise; a negative one makes the loss NaN). ``partial``: some hyper-parameters
+    (α, for a caller that supplies it per step) are given later; don't require them here.
+    """
+    fn = get_loss(name)
+    keywords = {
+        k for k, p in inspect.signature(fn).parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY
+    } - _CALL_KEYWORDS - _BATCH_KEYWORDS
+    for key, value in hparams.items():
+        if key not in keywords:
+            raise ValueError(f"unknown hyper-parameter {key!r} for loss {name!r}; it takes {sorted(keywords)}")
+        if key == "alpha" and not isinstance(value, torch.Tensor):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"alpha must be a Python float or a 0-dim tensor, got {type(value).__name__}")
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"alpha must be a finite number >= 0, got {value}")
+        elif key in ("beta", "mu"):
+            _check_positive(key, value)
+        elif key == "variant" and value not in _PAIR_VARIANTS:
+            raise ValueError(f"variant must be one of {_PAIR_VARIANTS}, got {value!r}")
+    if not partial and "alpha" in keywords and "alpha" not in hparams:
+        raise ValueError(f"alpha is required for loss {name!r}")
 
 
 def loss_name(loss: Union[str, Callable]) -> str:

@@ -37,7 +37,7 @@ from torch import nn
 
 from .distributed import StepNormalizer, StepStats, check_scope
 from .logprobs import packed_sums, sequence_logprobs, shift_labels
-from .losses import get_loss
+from .losses import check_loss_hparams, get_loss
 from .schedules import AlphaSchedule, make_schedule
 from .types import Backend
 
@@ -225,6 +225,7 @@ class SelfPlayLoss(nn.Module):
             if name not in keywords:
                 valid = sorted(set(keywords) - _MODULE_OWNED)
                 raise ValueError(f"unknown keyword {name!r} for loss_type={loss_type!r}; it accepts {valid}")
+        check_loss_hparams(loss_type, loss_kwargs, partial=True)  # values too (mu > 0, variant, ...), up front
         self.loss_kwargs = dict(loss_kwargs)
 
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):

@@ -350,3 +350,14 @@ def test_merge_keeps_a_part_whose_entries_are_all_minus_infinity_out_of_the_shif
     assert kappa_from_stats(merged, t).item() == pytest.approx(kappa_from_stats(whole, t).item(), rel=1e-12)
     want = (torch.logsumexp(torch.cat([dead, low]), 0) - math.log(5)).item()
     assert kappa_from_stats(merged, t).item() == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "hparams, match",
+    [(dict(alpha=-1.0), "alpha"), (dict(), "alpha"), (dict(alpha=0.5, gamma=1.0), "gamma"), (dict(alpha=0.5, beta=0.0), "beta")],
+)
+def test_step_normalizer_checks_hyper_parameters_at_construction(hparams, match):
+    from iris_kernels.distributed import StepNormalizer as _StepNormalizer
+
+    with pytest.raises(ValueError, match=match):
+        _StepNormalizer("iris", scope="rank", **hparams)

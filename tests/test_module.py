@@ -460,3 +460,16 @@ def test_cuda_fused_path_matches_torch_and_never_syncs(loss_type, hp):
     assert_close(loss.cpu(), want, 1e-5)
     assert_close(h.grad.cpu(), gh, 1e-4)
     assert_close(w.grad.cpu(), gw, 1e-4)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(loss_type="space", mu=0.0), ValueError, "mu"),
+        (dict(loss_type="spin", variant="ipo"), ValueError, "variant"),
+        (dict(loss_type="chi2", tau=2.0), ValueError, "tau"),
+    ],
+)
+def test_loss_hyper_parameters_are_checked_at_construction(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        SelfPlayLoss(**kwargs)
