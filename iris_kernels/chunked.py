@@ -47,7 +47,8 @@ def live_rows(row_ok, targets, grad_logp, grad_lse, grad_entropy, params):
 
 
 def _chunk_logits(h, weight, bias, params):
-    return transform_logits(torch.nn.functional.linear(h, weight, bias).to(accumulation_dtype(h.dtype)), params)
+    raw = torch.nn.functional.linear(h, weight, bias).to(accumulation_dtype(h.dtype))
+    return transform_logits(raw, params, inplace=True)  # a fresh buffer: transform it in place
 
 
 def logits_grad(
@@ -175,6 +176,8 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
                 grad_w.addmm_(g.t(), torch.where(live[sl, None], h, 0.0).to(acc))
             if grad_b is not None:
                 grad_b += g.sum(0)
+            # Free this chunk's buffer before the next chunk's logits are allocated.
+            del g
         grad_w = None if grad_w is None else grad_w.to(weight.dtype)
         grad_b = None if grad_b is None else grad_b.to(bias.dtype)
         return grad_h, grad_w, None, grad_b, None

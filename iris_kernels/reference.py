@@ -12,12 +12,17 @@ import torch
 from .types import LogprobsParams, accumulation_dtype
 
 
-def transform_logits(raw: torch.Tensor, params: LogprobsParams) -> torch.Tensor:
-    """z = softcap(raw) / temperature, with softcap(r) = cap * tanh(r / cap) when a cap is set."""
+def transform_logits(raw: torch.Tensor, params: LogprobsParams, *, inplace: bool = False) -> torch.Tensor:
+    """z = softcap(raw) / temperature, with softcap(r) = cap * tanh(r / cap) when a cap is set.
+
+    ``inplace`` overwrites ``raw`` (the chunked backend owns its chunk's buffer; autograd through
+    the reference backend needs the out-of-place form).
+    """
     if params.softcap is not None:
-        raw = params.softcap * torch.tanh(raw / params.softcap)
+        cap = params.softcap
+        raw = raw.div_(cap).tanh_().mul_(cap) if inplace else cap * torch.tanh(raw / cap)
     if params.temperature != 1.0:
-        raw = raw / params.temperature
+        raw = raw.div_(params.temperature) if inplace else raw / params.temperature
     return raw
 
 
