@@ -44,9 +44,11 @@ def interpreting() -> bool:
 # tests/test_kernels_compile.py checks this without a GPU. Not yet timed on hardware.
 GPU_FWD_TILES = (128, 128, 32, 8)
 GPU_BWD_TILES = (64, 128, 16, 8)
-# The workspace kernel holds one fp32 logits tile and writes it out: no gradient-product
-# operands live across the store, so it takes the forward's tile with a wider hidden step.
-GPU_GRAD_TILES = (128, 128, 64, 8)
+# The workspace kernel holds the fp32 logits tile, its gradient and the store's addresses at once:
+# 128 x 128 tiles spill (ptxas, sm_90, 2026-11-29), 64 x 128 do not (194-242 registers). fp32
+# inputs (no tensor-core bf16 operands, ieee dot) need the narrower hidden step.
+GPU_GRAD_TILES = (64, 128, 64, 8)
+GPU_GRAD_TILES_FP32 = (64, 128, 32, 8)
 # The interpreter's cost grows with programs x loop steps, not FLOPs: few, large tiles.
 INTERPRETER_TILES = (32, 128, 64, 4)
 
@@ -55,7 +57,7 @@ def tile_config(hidden: torch.Tensor, forward: bool, workspace: bool = False):
     if interpreting() or hidden.device.type != "cuda":
         return INTERPRETER_TILES
     if workspace:
-        return GPU_GRAD_TILES
+        return GPU_GRAD_TILES_FP32 if hidden.dtype == torch.float32 else GPU_GRAD_TILES
     return GPU_FWD_TILES if forward else GPU_BWD_TILES
 
 

@@ -77,9 +77,11 @@ def logits_grad_kernel(
     offs_v = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
     n_mask = offs_n < rows
     v_mask = offs_v < V
-    ws_offs = offs_n[:, None] * stride_ws + offs_v[None, :]
-    ws_mask = n_mask[:, None] & v_mask[None, :]
     out_ty = ws_ptr.dtype.element_ty
+    # The store addresses: one 64-bit tile base plus int32 offsets within the tile (BLOCK_N rows
+    # of stride_ws < 2^31 / BLOCK_N elements), formed only at the store, so that no
+    # [BLOCK_N, BLOCK_V] tensor of 64-bit addresses sits next to the fp32 tile in registers.
+    ws_tile = ws_ptr + pid_n.to(tl.int64) * BLOCK_N * stride_ws + pid_v.to(tl.int64) * BLOCK_V
 
     block_live = True
     if HAS_COUNT:
@@ -97,7 +99,11 @@ def logits_grad_kernel(
         p = tl.exp(log_p)
         c_lp = tl.load(grad_logp_ptr + offs_n, mask=n_mask, other=0.0)
         tgt = tl.load(targets_ptr + offs_n, mask=n_mask, other=-1).to(tl.int64)
-        hit = offs_v[None, :] == tgt[:, None]
+        # The target's column within this tile as int32 (-1 when elsewhere): a 32-bit compare.
+        v_start = pid_v.to(tl.int64) * BLOCK_V
+        in_tile = (tgt >= v_start) & (tgt < v_start + BLOCK_V)
+        tgt_col = tl.where(in_tile, tgt - v_start, -1).to(tl.int32)
+        hit = tl.arange(0, BLOCK_V)[None, :] == tgt_col[:, None]
         g = tl.where(hit, c_lp[:, None], 0.0) - c_lp[:, None] * p
         live = n_mask & (c_lp != 0.0)
         if HAS_GRAD_LSE:
@@ -118,10 +124,14 @@ def logits_grad_kernel(
         g = tl.where(live[:, None] & v_mask[None, :], g, 0.0)
         if NEED_GRAD_BIAS:
             tl.atomic_add(grad_bias_ptr + offs_v, tl.sum(g, axis=0), mask=v_mask, sem="relaxed")
-        tl.store(ws_ptr + ws_offs, g.to(out_ty), mask=ws_mask)
+        g = g.to(out_ty)
     else:
         # Past the valid rows: the cuBLAS products still read these workspace rows.
-        tl.store(ws_ptr + ws_offs, tl.zeros((BLOCK_N, BLOCK_V), dtype=out_ty), mask=ws_mask)
+        g = tl.zeros((BLOCK_N, BLOCK_V), dtype=out_ty)
+    tile_n = tl.arange(0, BLOCK_N)
+    tile_v = tl.arange(0, BLOCK_V)
+    store_mask = (pid_n * BLOCK_N + tile_n < rows)[:, None] & (pid_v * BLOCK_V + tile_v < V)[None, :]
+    tl.store(ws_tile + (tile_n[:, None] * stride_ws + tile_v[None, :]), g, mask=store_mask)
 
 
 def logits_grad(hidden, weight, targets, bias, lse, entropy, grad_logp, grad_lse, grad_entropy,
