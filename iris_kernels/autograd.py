@@ -65,16 +65,22 @@ def tile_config(hidden: torch.Tensor, forward: bool, workspace: bool = False):
 # "out_dtype" = one cuBLAS addmm with bf16/fp16 operands writing into the fp32 accumulator
 # (torch's addmm(..., out_dtype=torch.float32), CUDA only); "partial" = the chunk's product in the
 # input dtype (fp32 accumulation inside cuBLAS), cast and added to the fp32 accumulator: bf16
-# rounding once per chunk, never a bf16 running sum across chunks.
+# rounding once per chunk, never a bf16 running sum across chunks (CUDA without out_dtype);
+# "upcast" = operands copied to fp32 and one fp32 addmm (the CPU / interpreter path, where
+# memory is no concern: no rounding beyond the workspace's own).
 WGRAD_PATH = {}
 
 
-def _accumulate_wgrad(grad_w: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:
+def _accumulate_wgrad(grad_w: torch.Tensor, g: torch.Tensor, h: torch.Tensor, *, allow_upcast: bool = True) -> None:
     """grad_w (fp32 [V, H]) += g^T @ h with g [rows, V] and h [rows, H] in the input dtype."""
     if g.dtype == torch.float32:
         grad_w.addmm_(g.t(), h)
         return
     key = grad_w.device.type
+    if key != "cuda" and allow_upcast:
+        WGRAD_PATH[key] = "upcast"
+        grad_w.addmm_(g.t().float(), h.float())
+        return
     if key == "cuda" and WGRAD_PATH.get(key, "out_dtype") == "out_dtype":
         try:
             torch.addmm(grad_w, g.t(), h, out_dtype=torch.float32, out=grad_w)
@@ -234,6 +240,12 @@ def _workspace_backward(hidden, weight, targets, bias, lse, mean_z, c_lp, c_lse,
     C = workspace_rows(V, hidden.element_size(), params.workspace_bytes, M, multiple=tiles[0])
     # Allocated once per backward, rows padded to 16 bytes for the tensor-core GEMMs.
     workspace = torch.empty((C, padded_vocab(V)), dtype=hidden.dtype, device=hidden.device)[:, :V]
+    # The interpreter's fp32 -> bf16 store does not round to nearest (it is biased, and a biased
+    # gradient sums coherently into dW): there the kernel writes fp32 and torch casts (RTNE), the
+    # rounding a GPU's cvt.rn does in the kernel.
+    staging = None
+    if interpreting() and hidden.dtype != torch.float32:
+        staging = torch.empty((C, V), dtype=torch.float32, device=hidden.device)
     f32 = dict(dtype=torch.float32, device=hidden.device)
     grad_h = torch.zeros((N, H), dtype=hidden.dtype, device=hidden.device) if need_h else None
     grad_w = torch.zeros((V, H), **f32) if need_w else None
@@ -247,7 +259,7 @@ def _workspace_backward(hidden, weight, targets, bias, lse, mean_z, c_lp, c_lse,
         logits_grad(
             h, weight, t_run[sl], bias, lse_run[sl], None if ent is None else ent[sl],
             c_lp[sl], None if c_lse is None else c_lse[sl], None if c_ent is None else c_ent[sl],
-            g, grad_b,
+            g if staging is None else staging[: stop - start], grad_b,
             row0=start, n_valid=n_valid,
             inv_temperature=1.0 / params.temperature,
             softcap=params.softcap,
@@ -255,6 +267,8 @@ def _workspace_backward(hidden, weight, targets, bias, lse, mean_z, c_lp, c_lse,
             upcast=interpreting(),
             tiles=tiles,
         )
+        if staging is not None:
+            g.copy_(staging[: stop - start])
         if grad_h is not None:
             if idx is None:
                 torch.mm(g, weight, out=grad_h[sl])
