@@ -200,3 +200,35 @@ def test_interpreter_tiles_make_the_small_workspace_span_several_chunks():
     # The tests above rely on it: 32-row chunks, N = 70 rows -> 3 chunks, the last partial.
     assert INTERPRETER_TILES[0] == 32
     assert math.ceil(N / 32) == 3 and N % 32 != 0
+
+
+def test_selfplay_loss_passes_the_backward_options_through(monkeypatch):
+    import iris_kernels.module as M
+    from iris_kernels import SelfPlayLoss
+
+    with pytest.raises(ValueError, match="bwd"):
+        SelfPlayLoss("sft", bwd="fastest")
+    with pytest.raises(ValueError, match="workspace_bytes"):
+        SelfPlayLoss("sft", workspace_bytes=-1)
+    seen = []
+    real = M.sequence_logprobs
+
+    def spy(*args, **kw):
+        seen.append({k: kw.get(k) for k in ("bwd", "compact", "workspace_bytes")})
+        return real(*args, **kw)
+
+    monkeypatch.setattr(M, "sequence_logprobs", spy)
+    B, T = 2, 20
+    hidden, weight, _, _ = make_inputs(B * T, H, V, torch.float32, seed=14)
+    labels = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(15))
+    labels[:, :5] = -100
+    results = []
+    for bwd in ("workspace", "atomic"):
+        h = hidden.view(B, T, H).clone().requires_grad_()
+        crit = SelfPlayLoss("sft", backend="triton", bwd=bwd, compact=False, workspace_bytes=SMALL_WS)
+        loss, _ = crit(h, weight, labels, num_real=B)
+        loss.backward()
+        results.append((loss.detach(), h.grad))
+        assert seen[-1] == dict(bwd=bwd, compact=False, workspace_bytes=SMALL_WS)
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-7)
