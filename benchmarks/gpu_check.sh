@@ -123,7 +123,7 @@ EOF
 ) || PROVIDERS=""
 echo "providers, in order: ${PROVIDERS:-all (could not list them)}"
 if [ "$DRY" = 1 ]; then
-  BENCH_ARGS=(--device cpu --quick)
+  BENCH_ARGS=(--device cpu --quick --shapes 256,64,2000)  # every row, Triton ones interpreted, fast
   [ -n "$PROVIDERS" ] && BENCH_ARGS+=(--providers "${PROVIDERS#floor,}")
 else
   BENCH_ARGS=(--device cuda --dtype bf16 --shapes zephyr-7b qwen2.5-3b --tokens 16384 32768

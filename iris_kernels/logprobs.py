@@ -331,8 +331,9 @@ def sequence_logprobs(
             Bad offsets never index out of bounds (positions past cu_seqlens[-1] are dropped).
         validate: also check that cu_seqlens starts at 0, never decreases and stays within the
             packed length, and that labels lie in [0, V) (synchronises; off by default).
-        num_valid: host count of scored positions after the shift (non-ignored targets); with
-            labels on the host it is counted here, on a device it is never read back (no sync).
+        num_valid: the caller's host count of scored positions after the shift (non-ignored
+            targets), as in ``linear_logprobs``. Never counted here: labels on a device would
+            have to be read back (a sync), and labels on the host mean hidden is there too.
         Other arguments as in ``linear_logprobs``.
 
     Returns:
@@ -374,8 +375,6 @@ def sequence_logprobs(
             check_cu_seqlens(cu_seqlens, labels.shape[0])
     labels = labels.long()  # exact comparison with ignore_index whatever the labels' dtype
     targets = shift_labels(labels, ignore_index, cu_seqlens) if shift else labels
-    if num_valid is None and targets.device.type == "cpu":
-        num_valid = int((targets != ignore_index).sum())  # host tensor: no device to wait for
     token_logp = linear_logprobs(
         hidden, weight, targets, bias=bias, temperature=temperature, softcap=softcap,
         ignore_index=ignore_index, backend=backend, validate=validate,

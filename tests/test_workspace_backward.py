@@ -232,3 +232,13 @@ def test_selfplay_loss_passes_the_backward_options_through(monkeypatch):
         assert seen[-1] == dict(bwd=bwd, compact=False, workspace_bytes=SMALL_WS)
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("bwd, compact", [m for m in MODES if m[1] != "host"])
+def test_no_host_sync(bwd, compact):
+    from host_sync import forbid_host_sync
+
+    hidden, weight, targets, bias = make_inputs(N, H, V, torch.float32, seed=16, bias=True, ignore_frac=0.4)
+    with forbid_host_sync():
+        _run(hidden, weight, targets, bias, bwd=bwd, compact=compact, up_lp=torch.ones(N),
+             up_ent=torch.ones(N), softcap=4.0)
