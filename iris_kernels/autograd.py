@@ -2,7 +2,7 @@
 
 Forward: one launch of the log-sum-exp kernel (the logits never leave registers) and a merge of
 the per-split statistics; saves only hidden, weight, bias, targets and the fp32 lse (N floats),
-plus E_p[z] (N floats) when the entropy is asked for.
+plus the per-row entropy H (N floats) when the entropy is asked for.
 Backward: one launch of the recompute-and-accumulate kernel for any upstream gradient.
 """
 from __future__ import annotations
@@ -14,7 +14,8 @@ import torch
 from .chunked import valid_rows
 from .ops.logprobs_bwd import logprobs_bwd
 from .ops.logprobs_fwd import logprobs_fwd
-from .reference import entropy_from_stats, finalize_logprobs
+from .double_backward import no_double_backward
+from .reference import finalize_logprobs, masked_entropy
 from .types import LogprobsParams
 
 
@@ -45,7 +46,7 @@ class TritonLinearLogprobs(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, bias, params: LogprobsParams):
         V = weight.shape[0]
         upcast = interpreting()
-        lse, target_z, mean_z = logprobs_fwd(
+        lse, target_z, entropy_rows = logprobs_fwd(
             hidden, weight, targets, bias,
             inv_temperature=1.0 / params.temperature,
             softcap=params.softcap,
@@ -55,16 +56,17 @@ class TritonLinearLogprobs(torch.autograd.Function):
         )
         logp = finalize_logprobs(target_z - lse, targets, V, params.ignore_index)
         if params.return_entropy:
-            entropy = entropy_from_stats(lse, mean_z, targets, params.ignore_index)
+            entropy = masked_entropy(entropy_rows, targets, params.ignore_index)
         else:
             entropy = torch.empty(0, dtype=torch.float32, device=hidden.device)
         ctx.params = params
-        ctx.save_for_backward(hidden, weight, targets, bias, lse, mean_z)
+        ctx.save_for_backward(hidden, weight, targets, bias, lse, entropy_rows)
         return logp, lse, entropy
 
     @staticmethod
+    @no_double_backward("triton", supported_by="reference")
     def backward(ctx, grad_logp, grad_lse, grad_entropy):
-        hidden, weight, targets, bias, lse, mean_z = ctx.saved_tensors
+        hidden, weight, targets, bias, lse, entropy_rows = ctx.saved_tensors
         params: LogprobsParams = ctx.params
         need_h, need_w, _, need_b, _ = ctx.needs_input_grad
         V = weight.shape[0]
@@ -80,7 +82,7 @@ class TritonLinearLogprobs(torch.autograd.Function):
         else:
             grad_entropy = None
         grad_h, grad_w, grad_b = logprobs_bwd(
-            hidden, weight, targets, bias, lse, mean_z,
+            hidden, weight, targets, bias, lse, entropy_rows,
             grad_logp.contiguous(), grad_lse, grad_entropy,
             need_hidden=need_h, need_weight=need_w, need_bias=need_b and bias is not None,
             inv_temperature=1.0 / params.temperature,

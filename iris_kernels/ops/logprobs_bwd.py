@@ -12,9 +12,12 @@ needed, and the compiler can emit fire-and-forget reductions (red) instead of ac
 atomics that wait for their result. Summation order varies, so results are not bit-reproducible.
 
 Per row k with upstream gradients c_lp (log p of the target), c_lse and c_ent (entropy), and
-p = exp(z - lse) from the saved lse:
-    d logp/dz = onehot(y) - p;  d lse/dz = p;  d Hk/dz = -p (z - E_p[z])   (Hk = lse - E_p[z])
-    g_z = c_lp (onehot - p) + c_lse p - c_ent p (z - E_p[z])
+log p = z - lse, p = exp(log p) from the saved lse and the saved entropy Hk:
+    d logp/dz = onehot(y) - p;  d lse/dz = p;  d Hk/dz = -p (log p + Hk)
+    (Hk = -sum_j p_j log p_j; d(-p_j log p_j)/dz_i = -(1 + log p_j) p_j (delta_ij - p_i), summed
+    over j with sum_j p_j = 1.) It equals -p (z - E_p[z]), but z - E_p[z] cancels at a large
+    common logit offset; log p and Hk are both offset-free.
+    g_z = c_lp (onehot - p) + c_lse p - c_ent p (log p + Hk)
     dz/dr = (1 - tanh^2(r / cap)) / tau, and tanh(r / cap) = z tau / cap, so no tanh is recomputed.
 Ignored and out-of-range rows arrive with c_lp = 0 (the caller zeroes them).
 """
@@ -32,7 +35,7 @@ def logprobs_bwd_kernel(
     bias_ptr,
     targets_ptr,
     lse_ptr,
-    mean_z_ptr,
+    entropy_ptr,  # fp32 [N]: the per-row entropy H saved by the forward
     grad_logp_ptr,
     grad_lse_ptr,
     grad_entropy_ptr,
@@ -74,7 +77,8 @@ def logprobs_bwd_kernel(
         HAS_BIAS, HAS_SOFTCAP, UPCAST, IEEE_DOT, BLOCK_N, BLOCK_V, BLOCK_H,
     )
     lse = tl.load(lse_ptr + offs_n, mask=n_mask, other=0.0)
-    p = tl.exp(z - lse[:, None])
+    log_p = z - lse[:, None]
+    p = tl.exp(log_p)
     c_lp = tl.load(grad_logp_ptr + offs_n, mask=n_mask, other=0.0)
     tgt = tl.load(targets_ptr + offs_n, mask=n_mask, other=-1).to(tl.int64)
     hit = offs_v[None, :] == tgt[:, None]
@@ -90,9 +94,9 @@ def logprobs_bwd_kernel(
     if HAS_GRAD_ENTROPY:
         c_ent = tl.load(grad_entropy_ptr + offs_n, mask=n_mask, other=0.0)
         live = live | (c_ent != 0.0)
-        mean_z = tl.load(mean_z_ptr + offs_n, mask=n_mask, other=0.0)
+        ent = tl.load(entropy_ptr + offs_n, mask=n_mask, other=0.0)
         # p = 0 where z = -inf: that term is 0, not 0 * inf = NaN.
-        g -= c_ent[:, None] * tl.where(p > 0.0, p * (z - mean_z[:, None]), 0.0)
+        g -= c_ent[:, None] * tl.where(p > 0.0, p * (log_p + ent[:, None]), 0.0)
     if HAS_SOFTCAP:
         t = z * softcap_scale
         g = g * (1.0 - t * t)
@@ -149,10 +153,14 @@ def logprobs_bwd_kernel(
             )
 
 
-def logprobs_bwd(hidden, weight, targets, bias, lse, mean_z, grad_logp, grad_lse, grad_entropy,
+def logprobs_bwd(hidden, weight, targets, bias, lse, entropy, grad_logp, grad_lse, grad_entropy,
                  *, need_hidden, need_weight, need_bias, inv_temperature, softcap, temperature,
                  upcast, tiles):
-    """Returns fp32 (grad_hidden | None, grad_weight | None, grad_bias | None)."""
+    """Returns fp32 (grad_hidden | None, grad_weight | None, grad_bias | None).
+
+    ``entropy`` is the fp32 [N] per-row entropy H from ``logprobs_fwd`` (None without an entropy
+    gradient).
+    """
     N, H = hidden.shape
     V = weight.shape[0]
     block_n, block_v, block_h, num_warps = tiles
@@ -164,7 +172,7 @@ def logprobs_bwd(hidden, weight, targets, bias, lse, mean_z, grad_logp, grad_lse
     grid = (triton.cdiv(N, block_n), triton.cdiv(V, block_v))
     logprobs_bwd_kernel[grid](
         hidden, weight, bias if bias is not None else hidden, targets, lse,
-        mean_z if mean_z is not None else dummy,
+        entropy if entropy is not None else dummy,
         grad_logp,
         grad_lse if grad_lse is not None else dummy,
         grad_entropy if grad_entropy is not None else dummy,
