@@ -46,27 +46,29 @@ class TritonLinearLogprobs(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, bias, params: LogprobsParams):
         V = weight.shape[0]
         upcast = interpreting()
-        lse, target_z, entropy_rows = logprobs_fwd(
+        lse, target_z, entropy_rows, lse_lo = logprobs_fwd(
             hidden, weight, targets, bias,
             inv_temperature=1.0 / params.temperature,
             softcap=params.softcap,
             with_entropy=params.return_entropy,
             upcast=upcast,
             tiles=tile_config(hidden, forward=True),
+            with_lse_lo=True,
         )
-        logp = finalize_logprobs(target_z - lse, targets, V, params.ignore_index)
+        # Two steps: lse + lse_lo would round back to lse (exact at a large logit offset).
+        logp = finalize_logprobs((target_z - lse) - lse_lo, targets, V, params.ignore_index)
         if params.return_entropy:
             entropy = masked_entropy(entropy_rows, targets, params.ignore_index)
         else:
             entropy = torch.empty(0, dtype=torch.float32, device=hidden.device)
         ctx.params = params
-        ctx.save_for_backward(hidden, weight, targets, bias, lse, entropy_rows)
+        ctx.save_for_backward(hidden, weight, targets, bias, lse, lse_lo, entropy_rows)
         return logp, lse, entropy
 
     @staticmethod
     @no_double_backward("triton", supported_by="reference")
     def backward(ctx, grad_logp, grad_lse, grad_entropy):
-        hidden, weight, targets, bias, lse, entropy_rows = ctx.saved_tensors
+        hidden, weight, targets, bias, lse, lse_lo, entropy_rows = ctx.saved_tensors
         params: LogprobsParams = ctx.params
         need_h, need_w, _, need_b, _ = ctx.needs_input_grad
         V = weight.shape[0]
@@ -90,6 +92,7 @@ class TritonLinearLogprobs(torch.autograd.Function):
             temperature=params.temperature,
             upcast=interpreting(),
             tiles=tile_config(hidden, forward=False),
+            lse_lo=lse_lo,
         )
         return (
             None if grad_h is None else grad_h.to(hidden.dtype),

@@ -30,6 +30,7 @@ from .reference import (
     linear_fp32,
     masked_entropy,
     safe_targets,
+    split_lse,
     transform_logits,
 )
 from .types import LogprobsParams, accumulation_dtype
@@ -82,6 +83,7 @@ def logits_grad(
     z: torch.Tensor,
     targets: torch.Tensor,
     lse: torch.Tensor,
+    lse_lo: torch.Tensor,
     entropy: Optional[torch.Tensor],
     grad_logp: Optional[torch.Tensor],
     grad_lse: Optional[torch.Tensor],
@@ -91,7 +93,8 @@ def logits_grad(
 ) -> torch.Tensor:
     """d(loss)/d(raw logits) for one chunk, from the recomputed logits z and the saved stats.
 
-    ``entropy`` is the saved per-row entropy H (unmasked). Consumes z: the gradient is written
+    ``entropy`` is the saved per-row entropy H (unmasked); log p = (z - lse) - lse_lo, in two
+    steps (lse + lse_lo would round back to lse), is exact at a large common logit offset. Consumes z: the gradient is written
     over it, so a chunk costs one [chunk, V] buffer (two with the entropy, three with the entropy
     and a soft-cap, whose chain needs z to the end).
     """
@@ -106,8 +109,9 @@ def logits_grad(
     if grad_entropy is not None:
         ignored = targets == params.ignore_index
         c_ent = torch.where(ignored, torch.zeros_like(grad_entropy), grad_entropy)
-        # -c_ent * p * (log p + H) with log p = z - lse (derivation in the module docstring).
+        # -c_ent * p * (log p + H) (derivation in the module docstring).
         log_p = z - lse[:, None] if params.softcap is not None else z.sub_(lse[:, None])
+        log_p.sub_(lse_lo[:, None])
         p = torch.exp(log_p)
         entropy_term = log_p.add_(entropy[:, None]).mul_(p)
         # p = 0 where z = -inf: that term is 0, not 0 * inf = NaN.
@@ -115,9 +119,10 @@ def logits_grad(
         grad = p.mul_(coef[:, None]).sub_(entropy_term.mul_(c_ent[:, None]))
         del entropy_term, log_p
     elif params.softcap is not None:
-        grad = torch.exp(z - lse[:, None]).mul_(coef[:, None])  # z is still needed for the cap
+        # z is still needed for the cap
+        grad = (z - lse[:, None]).sub_(lse_lo[:, None]).exp_().mul_(coef[:, None])
     else:
-        grad = z.sub_(lse[:, None]).exp_().mul_(coef[:, None])
+        grad = z.sub_(lse[:, None]).sub_(lse_lo[:, None]).exp_().mul_(coef[:, None])
     if c_lp is not None:
         grad.scatter_add_(1, safe_targets(targets, grad.shape[1])[:, None].long(), c_lp[:, None])
     # Chain through the soft-cap, 1 - (z tau / cap)^2, and the temperature.
@@ -138,6 +143,7 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
         acc = accumulation_dtype(hidden.dtype)
         logp = torch.empty(N, dtype=acc, device=hidden.device)
         lse = torch.empty_like(logp)
+        lse_lo = torch.empty_like(logp)  # the fp32 lse's rounding error (reference.split_lse)
         # The per-row entropy H (not E_p[z]): the backward's entropy term needs only H and lse.
         entropy_rows = torch.empty_like(logp) if params.return_entropy else None
         safe = safe_targets(targets, V)
@@ -161,9 +167,9 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
                 entropy_rows[sl] = entropy_from_shifted_sums(sum_exp, sum_exp_z)
             else:
                 sum_exp = shifted.exp_().sum(dim=1)  # in place: no second [chunk, V] buffer
-            lse_c = top + sum_exp.log()
-            lse[sl] = lse_c
-            logp[sl] = target_z - lse_c
+            lse_c, lo_c = split_lse(top, sum_exp.log())
+            lse[sl], lse_lo[sl] = lse_c, lo_c
+            logp[sl] = (target_z - lse_c) - lo_c  # two steps: lse_c + lo_c would round to lse_c
             del z
         logp = finalize_logprobs(logp, targets, V, params.ignore_index)
         if entropy_rows is not None:
@@ -171,13 +177,13 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
         else:
             entropy = torch.empty(0, dtype=acc, device=hidden.device)
         ctx.params = params
-        ctx.save_for_backward(hidden, weight, targets, bias, lse, entropy_rows)
+        ctx.save_for_backward(hidden, weight, targets, bias, lse, lse_lo, entropy_rows)
         return logp, lse, entropy
 
     @staticmethod
     @no_double_backward("torch", supported_by="reference")
     def backward(ctx, grad_logp, grad_lse, grad_entropy):
-        hidden, weight, targets, bias, lse, entropy_rows = ctx.saved_tensors
+        hidden, weight, targets, bias, lse, lse_lo, entropy_rows = ctx.saved_tensors
         params: LogprobsParams = ctx.params
         if not params.return_entropy:
             grad_entropy = None
@@ -200,6 +206,7 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
                 z,
                 targets[sl],
                 lse[sl],
+                lse_lo[sl],
                 None if entropy_rows is None else entropy_rows[sl],
                 None if grad_logp is None else grad_logp[sl],
                 None if grad_lse is None else grad_lse[sl],

@@ -56,6 +56,22 @@ def entropy_from_shifted_sums(sum_exp: torch.Tensor, sum_exp_z: torch.Tensor) ->
     return torch.log(sum_exp) - sum_exp_z / sum_exp
 
 
+def split_lse(top: torch.Tensor, log_sum: torch.Tensor):
+    """(lse, lse_lo): lse = top + log_sum rounded to fp32, and lse_lo, its rounding error.
+
+    top is the row's shift (its max logit), log_sum = log sum_v exp(z_v - top) is small. At a
+    large common logit offset, fp32 lse is off by up to ulp(offset) / 2 (4e-3 at 1e5), and
+    so would be log p = z - lse and p = exp(log p) in every backward. lse_lo = (top - lse) +
+    log_sum recovers that error (Fast2Sum: top - lse is exact by Sterbenz's lemma when |top| >=
+    |log_sum|, the case where the error matters), so (z - lse) - lse_lo is log p to fp32
+    accuracy of its own size, as with a max-shifted log-softmax. Non-finite rows (all -inf
+    logits, NaN) get lse_lo = 0 and keep their lse.
+    """
+    lse = top + log_sum
+    lse_lo = (top - lse) + log_sum
+    return lse, torch.where(torch.isfinite(lse_lo), lse_lo, torch.zeros_like(lse_lo))
+
+
 def linear_fp32(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """hidden @ weight.T + bias accumulated *and returned* in fp32 (fp64 for fp64 inputs).
 
@@ -103,22 +119,23 @@ def reference_linear_logprobs(
     acc = accumulation_dtype(hidden.dtype)
     raw = torch.nn.functional.linear(hidden.to(acc), weight.to(acc), None if bias is None else bias.to(acc))
     z = transform_logits(raw, params)
-    lse = torch.logsumexp(z, dim=-1)
-    logp_all = z - lse[:, None]
+    # Log-probs from logits shifted by the row max m (a constant per row: exact in value and in
+    # every derivative): z - m is exact in fp32 (Sterbenz) and small, so log p = (z - m) - log S
+    # carries no rounding error of the size of a common logit offset, as z - lse would.
+    top = z.detach().amax(dim=-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    shifted = z - top
+    log_sum = torch.logsumexp(shifted, dim=-1, keepdim=True)
+    logp_all = shifted - log_sum
+    lse = (top + log_sum).squeeze(-1)
     V = weight.shape[0]
     logp = logp_all.gather(-1, safe_targets(targets, V)[:, None].long()).squeeze(-1)
     logp = finalize_logprobs(logp, targets, V, params.ignore_index)
     entropy = None
     if params.return_entropy:
-        # H = -sum p log p, from logits shifted by the row max (a constant per row, so exact in
-        # value and gradient): z - m is exact in fp32 (Sterbenz) and small, so log p = (z - m) -
-        # log S carries no rounding error of the size of a common offset, as z - lse would.
+        # H = -sum p log p from the shifted log-probs (no offset-sized cancellation).
         # p log p with p = 0 (a -inf logit) is 0; a finite stand-in keeps its gradient finite too.
-        top = z.detach().amax(dim=-1, keepdim=True)
-        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-        shifted = z - top
-        logp_shifted = shifted - torch.logsumexp(shifted, dim=-1, keepdim=True)
-        p = logp_shifted.exp()
-        entropy = -(p * torch.where(p > 0, logp_shifted, 0.0)).sum(-1)
+        p = logp_all.exp()
+        entropy = -(p * torch.where(p > 0, logp_all, 0.0)).sum(-1)
         entropy = masked_entropy(entropy, targets, params.ignore_index)
     return logp, lse, entropy

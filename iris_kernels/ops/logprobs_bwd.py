@@ -12,7 +12,8 @@ needed, and the compiler can emit fire-and-forget reductions (red) instead of ac
 atomics that wait for their result. Summation order varies, so results are not bit-reproducible.
 
 Per row k with upstream gradients c_lp (log p of the target), c_lse and c_ent (entropy), and
-log p = z - lse, p = exp(log p) from the saved lse and the saved entropy Hk:
+log p = (z - lse) - lse_lo, p = exp(log p) from the saved lse, its rounding error lse_lo (exact
+log p at a large common logit offset, see reference.split_lse) and the saved entropy Hk:
     d logp/dz = onehot(y) - p;  d lse/dz = p;  d Hk/dz = -p (log p + Hk)
     (Hk = -sum_j p_j log p_j; d(-p_j log p_j)/dz_i = -(1 + log p_j) p_j (delta_ij - p_i), summed
     over j with sum_j p_j = 1.) It equals -p (z - E_p[z]), but z - E_p[z] cancels at a large
@@ -35,6 +36,7 @@ def logprobs_bwd_kernel(
     bias_ptr,
     targets_ptr,
     lse_ptr,
+    lse_lo_ptr,  # fp32 [N]: rounding error of the fp32 lse (read with HAS_LSE_LO)
     entropy_ptr,  # fp32 [N]: the per-row entropy H saved by the forward
     grad_logp_ptr,
     grad_lse_ptr,
@@ -52,6 +54,7 @@ def logprobs_bwd_kernel(
     softcap_scale,  # tau / cap
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    HAS_LSE_LO: tl.constexpr,
     HAS_GRAD_LSE: tl.constexpr,
     HAS_GRAD_ENTROPY: tl.constexpr,
     NEED_GRAD_HIDDEN: tl.constexpr,
@@ -78,6 +81,9 @@ def logprobs_bwd_kernel(
     )
     lse = tl.load(lse_ptr + offs_n, mask=n_mask, other=0.0)
     log_p = z - lse[:, None]
+    if HAS_LSE_LO:
+        # Two steps: lse + lse_lo would round back to lse.
+        log_p = log_p - tl.load(lse_lo_ptr + offs_n, mask=n_mask, other=0.0)[:, None]
     p = tl.exp(log_p)
     c_lp = tl.load(grad_logp_ptr + offs_n, mask=n_mask, other=0.0)
     tgt = tl.load(targets_ptr + offs_n, mask=n_mask, other=-1).to(tl.int64)
@@ -155,11 +161,11 @@ def logprobs_bwd_kernel(
 
 def logprobs_bwd(hidden, weight, targets, bias, lse, entropy, grad_logp, grad_lse, grad_entropy,
                  *, need_hidden, need_weight, need_bias, inv_temperature, softcap, temperature,
-                 upcast, tiles):
+                 upcast, tiles, lse_lo=None):
     """Returns fp32 (grad_hidden | None, grad_weight | None, grad_bias | None).
 
     ``entropy`` is the fp32 [N] per-row entropy H from ``logprobs_fwd`` (None without an entropy
-    gradient).
+    gradient); ``lse_lo`` the optional rounding error of ``lse`` (``with_lse_lo`` there).
     """
     N, H = hidden.shape
     V = weight.shape[0]
@@ -172,6 +178,7 @@ def logprobs_bwd(hidden, weight, targets, bias, lse, entropy, grad_logp, grad_ls
     grid = (triton.cdiv(N, block_n), triton.cdiv(V, block_v))
     logprobs_bwd_kernel[grid](
         hidden, weight, bias if bias is not None else hidden, targets, lse,
+        lse_lo if lse_lo is not None else dummy,
         entropy if entropy is not None else dummy,
         grad_logp,
         grad_lse if grad_lse is not None else dummy,
@@ -185,6 +192,7 @@ def logprobs_bwd(hidden, weight, targets, bias, lse, entropy, grad_logp, grad_ls
         temperature / softcap if softcap is not None else 1.0,
         HAS_BIAS=bias is not None,
         HAS_SOFTCAP=softcap is not None,
+        HAS_LSE_LO=lse_lo is not None,
         HAS_GRAD_LSE=grad_lse is not None,
         HAS_GRAD_ENTROPY=grad_entropy is not None,
         NEED_GRAD_HIDDEN=need_hidden,

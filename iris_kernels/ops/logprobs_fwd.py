@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import entropy_from_shifted_sums
+from ..reference import entropy_from_shifted_sums, split_lse
 from .logits_tile import logits_tile
 
 
@@ -100,11 +100,12 @@ def logprobs_fwd_kernel(
         tl.store(part_tsum_ptr + out, run_tsum, mask=n_mask)
 
 
-def merge_partials(part_max, part_sum, part_target, part_tsum):
+def merge_partials(part_max, part_sum, part_target, part_tsum, *, with_lse_lo=False):
     """Combine the vocabulary splits at the common shift M = max_s m_s.
 
     lse = M + log S with S = sum_s s_s e^(m_s - M); T = sum_s e^(m_s - M) (t_s + (m_s - M) s_s)
     (the online update above, applied once per split); entropy H = log S - T / S.
+    Returns (lse, target_z, H | None), plus lse_lo (``split_lse``) when ``with_lse_lo``.
     """
     top = part_max.max(dim=0).values
     # A row whose logits are all -inf has top = -inf; shift by 0 there (lse = log 0 = -inf).
@@ -112,21 +113,23 @@ def merge_partials(part_max, part_sum, part_target, part_tsum):
     delta = part_max - top
     scale = torch.exp(delta)
     total = (part_sum * scale).sum(0)
-    lse = top + torch.log(total)
+    lse, lse_lo = split_lse(top, torch.log(total))
     target_z = part_target.sum(0)
-    if part_tsum is None:
-        return lse, target_z, None
-    # A split that saw only -inf logits has s = t = 0 and delta = -inf: it adds 0, not NaN.
-    moved = torch.where(part_sum > 0, delta * part_sum, torch.zeros_like(part_sum))
-    tsum = ((part_tsum + moved) * scale).sum(0)
-    return lse, target_z, entropy_from_shifted_sums(total, tsum)
+    entropy = None
+    if part_tsum is not None:
+        # A split that saw only -inf logits has s = t = 0 and delta = -inf: it adds 0, not NaN.
+        moved = torch.where(part_sum > 0, delta * part_sum, torch.zeros_like(part_sum))
+        tsum = ((part_tsum + moved) * scale).sum(0)
+        entropy = entropy_from_shifted_sums(total, tsum)
+    return (lse, target_z, entropy, lse_lo) if with_lse_lo else (lse, target_z, entropy)
 
 
 def logprobs_fwd(hidden, weight, targets, bias, *, inv_temperature, softcap, with_entropy,
-                 upcast, tiles, num_splits=None):
+                 upcast, tiles, num_splits=None, with_lse_lo=False):
     """hidden [N, H] and weight [V, H] row-contiguous; returns fp32 [N] (lse, target_z, H | None).
 
-    H is the per-row entropy of softmax(z) (unmasked: ignored rows are not zeroed here).
+    H is the per-row entropy of softmax(z) (unmasked: ignored rows are not zeroed here). With
+    ``with_lse_lo`` also returns lse_lo, the rounding error of the fp32 lse (``split_lse``).
     """
     N, H = hidden.shape
     V = weight.shape[0]
@@ -156,7 +159,8 @@ def logprobs_fwd(hidden, weight, targets, bias, *, inv_temperature, softcap, wit
         BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h,
         num_warps=num_warps,
     )
-    return merge_partials(part_max, part_sum, part_target, part_tsum if with_entropy else None)
+    return merge_partials(part_max, part_sum, part_target, part_tsum if with_entropy else None,
+                          with_lse_lo=with_lse_lo)
 
 
 @functools.lru_cache(maxsize=None)
