@@ -94,9 +94,9 @@ def logits_grad(
     """d(loss)/d(raw logits) for one chunk, from the recomputed logits z and the saved stats.
 
     ``entropy`` is the saved per-row entropy H (unmasked); log p = (z - lse) - lse_lo, in two
-    steps (lse + lse_lo would round back to lse), is exact at a large common logit offset. Consumes z: the gradient is written
-    over it, so a chunk costs one [chunk, V] buffer (two with the entropy, three with the entropy
-    and a soft-cap, whose chain needs z to the end).
+    steps (lse + lse_lo would round back to lse), is exact at a large common logit offset.
+    Consumes z: the gradient is written over it, so a chunk costs one [chunk, V] buffer (two
+    with the entropy, three with the entropy and a soft-cap, whose chain needs z to the end).
     """
     # Every term but the one-hot is a per-row multiple of p: (c_lse - c_lp) * p.
     coef = torch.zeros_like(lse)
