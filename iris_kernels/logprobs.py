@@ -138,6 +138,12 @@ def linear_logprobs(
     Returns:
         fp32 log-probs with targets' shape (fp64 for fp64 inputs; or a ``LinearLogprobsOutput``). Differentiable
         w.r.t. hidden, weight and bias for any upstream gradient.
+
+    Numerics (every backend): logits from bf16/fp16 inputs are accumulated and kept in fp32; log p
+    and the entropy are computed from logits shifted per row, so a common logit offset costs no
+    accuracy. Second derivatives (create_graph=True, then differentiating again): exact on
+    ``backend="reference"``; "torch" and "triton" raise a RuntimeError at the second
+    differentiation (their first backward is unaffected).
     """
     temperature, softcap = _validate(hidden, weight, targets, bias, temperature, softcap)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):

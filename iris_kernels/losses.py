@@ -262,7 +262,8 @@ def tilted_risk(losses: torch.Tensor, t: Union[float, torch.Tensor], *, backend:
 
     Returns a 0-dim fp32 tensor; its gradient is softmax(t·ℓ) (uniform 1/N at t = 0), in the
     dtype of ``losses``. The value is continuous through t = 0 (series near 0, see SERIES_EPS)
-    and accurate to fp32 rounding for every t (fp64 statistics).
+    and accurate to fp32 rounding for every t (fp64 statistics). Exactly twice-differentiable
+    on the torch backend; the triton backend raises a RuntimeError at the second differentiation.
     """
     if not isinstance(losses, torch.Tensor):
         raise TypeError(f"losses must be a torch.Tensor, got {type(losses).__name__}")
