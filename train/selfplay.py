@@ -360,7 +360,7 @@ def metrics_legend(cfg) -> str:
              "responses (lower is better)"]
     if cfg.eval.accuracy:
         lines.append(f"accuracy = fraction of prompts whose greedy answer (up to {cfg.eval.max_new_tokens} tokens) "
-                     f"equals the row's '{cfg.data.answer_field}' field exactly; rows without it are not counted, "
+                     f"equals the row's '{cfg.data.answer_field}' field (whitespace-normalised); rows without one are not counted, "
                      "and a model that answers none exactly scores 0 (the tiny random preset always does)")
     lines.append("reward_margin = mean g(annotated) - g(synthetic), g = beta (log p_new - log p_opponent); "
                  "win_rate = fraction of prompts where the annotated response gains more (higher is better)")
