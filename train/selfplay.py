@@ -100,17 +100,15 @@ def main(argv=None) -> None:
         return
     tokenizer = load_tokenizer(cfg.model)
     trained_already = (out / f"iter_{start}" / "TRAINED").exists()
-    if trained_already:
-        log(f"resuming at iteration {start}'s evaluation: θ_{start + 1} is trained and saved already")
-    elif start > 0:
-        log(f"resuming at iteration {start}: iterations 0-{start - 1} are done")
-    elif (out / "config.yaml").exists():
-        log("resuming iteration 0")
     if trained_already:  # crashed during evaluation: θ_{start+1} is on disk already
+        log(f"resuming at iteration {start}'s evaluation: θ_{start + 1} is trained and saved already")
         model = load_checkpoint_model(out / f"iter_{start}" / "model", cfg.model)
     elif start > 0:
+        log(f"resuming at iteration {start}: iterations 0-{start - 1} are done")
         model = load_checkpoint_model(out / f"iter_{start - 1}" / "model", cfg.model)
     else:
+        if (out / "config.yaml").exists():  # written only once a start-up succeeded
+            log("resuming iteration 0")
         model = build_initial_model(cfg.model, tokenizer, cfg.seed)
     model.to(accelerator.device)
     autocast = accelerator.autocast
