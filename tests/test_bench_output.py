@@ -43,6 +43,8 @@ def test_default_output_is_a_new_ignored_run_folder(default_run, capsys):
     assert {"bench_loss_cpu.json", "bench_loss_cpu.csv", "bench_loss_cpu_table.txt"} <= {p.name for p in runs[0].iterdir()}
     ignored = subprocess.run(["git", "check-ignore", "-q", "benchmarks/runs/20990101T000000Z/bench_loss_cpu.json"],
                              cwd=ROOT, capture_output=True)
+    if ignored.returncode == 128:  # not a git checkout (a copied tree): nothing to ignore
+        pytest.skip("not a git checkout")
     assert ignored.returncode == 0, "benchmarks/runs/ must be git-ignored"
 
 
