@@ -351,3 +351,42 @@ def test_import_is_lazy_and_guarded():
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------------------------
+# Harness -> TRL: one iteration's pairs, trained with SelfPlayTrainer
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_harness_pairs_train_in_trl(tmp_path):
+    """train/selfplay.py writes its pairs in TRL's format; SelfPlayTrainer starting from the
+    opponent θ_0 reads them with the stored reference log-probs, so its first IRIS loss is 0."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from train import selfplay, trl_export
+    from train.io_utils import read_jsonl
+
+    run = tmp_path / "run"
+    selfplay.main(["--config", str(ROOT / "train" / "configs" / "tiny-cpu.yaml"), "--output_dir", str(run),
+                   "--train.iterations", "1", "--train.epochs", "1", "--train.max_steps", "1",
+                   "--data.max_train_prompts", "8", "--data.max_eval_prompts", "4",
+                   "--generation.max_new_tokens", "6", "--eval.max_new_tokens", "2"])
+    rows = read_jsonl(run / "iter_0" / "trl_pairs-train.jsonl")
+    assert len(rows) == 8 and (run / "iter_0" / "trl_pairs-heldout.jsonl").is_file()
+    generated = {r["prompt_id"]: r for r in read_jsonl(next((run / "iter_0").glob("generated-train-*.jsonl")))}
+    scored = {r["prompt_id"]: r for r in read_jsonl(next((run / "iter_0").glob("reference-train-*.jsonl")))}
+    for k, row in enumerate(rows):
+        assert row["prompt"][-1]["role"] == "user"
+        assert row["chosen"][0]["role"] == row["rejected"][0]["role"] == "assistant"
+        assert row["rejected"][0]["content"] == generated[k]["response"]
+        assert row["rejected_ids"] == generated[k]["response_ids"]
+        assert (row["ref_chosen_logps"], row["ref_rejected_logps"]) == (scored[k]["ref_real"], scored[k]["ref_syn"])
+        assert len(row["chosen_ids"]) == scored[k]["n_real"] and len(row["rejected_ids"]) == scored[k]["n_syn"]
+
+    log = trl_export.main(["--run", str(run), "--iteration", "0", "--output_dir", str(tmp_path / "trl"),
+                           "--max_steps", "1"])
+    first = next(r for r in log if "loss" in r)
+    assert first["loss"] == pytest.approx(0.0, abs=1e-5)  # θ = the opponent whose log-probs are stored
+    assert first["iris/real/ess"] == pytest.approx(8.0, rel=1e-4)
+    assert (tmp_path / "trl" / "model" / "model.safetensors").is_file()
