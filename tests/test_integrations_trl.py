@@ -319,6 +319,17 @@ def test_bad_config_names_the_field(tmp_path, kw, field):
         _args(tmp_path, **kw)
 
 
+def test_config_from_the_command_line(tmp_path):
+    from transformers import HfArgumentParser
+
+    (args,) = HfArgumentParser(SelfPlayConfig).parse_args_into_dataclasses([
+        "--output_dir", str(tmp_path), "--use_cpu", "true", "--loss_name", "spin", "--beta", "0.2",
+        "--loss_options", '{"variant": "hinge"}', "--scope", "rank"])
+    assert (args.loss_name, args.beta, args.loss_options, args.scope) == ("spin", 0.2, {"variant": "hinge"}, "rank")
+    with pytest.raises(ValueError, match="loss_options"):
+        SelfPlayConfig(output_dir=str(tmp_path), use_cpu=True, loss_options="{not json")
+
+
 def test_spin_without_pairs_names_the_column(tmp_path):
     tok = _tokenizer()
     unpaired = _rows().remove_columns(["rejected"])

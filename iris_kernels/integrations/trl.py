@@ -45,12 +45,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import math
 import numbers
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Union
 
 try:
     from trl import DPOConfig, DPOTrainer
@@ -121,7 +122,7 @@ class SelfPlayConfig(DPOConfig):
     )
     scope: str = field(default="global", metadata={"help": f"Normalisation scope: one of {SCOPES}."})
     length_normalize: bool = field(default=False, metadata={"help": "Mean instead of summed token log-probs."})
-    loss_options: Optional[Dict[str, Any]] = field(
+    loss_options: Optional[Union[Dict[str, Any], str]] = field(
         default=None, metadata={"help": "Other keyword hyper-parameters of the loss (e.g. variant, mu)."}
     )
     iris_backend: str = field(default="auto", metadata={"help": "Log-prob backend: auto | triton | torch | reference."})
@@ -155,6 +156,11 @@ class SelfPlayConfig(DPOConfig):
             raise TypeError(f"SelfPlayConfig.length_normalize must be a bool, got {type(self.length_normalize).__name__}")
         if self.loss_options is None:
             self.loss_options = {}
+        if isinstance(self.loss_options, str):  # from the command line (HfArgumentParser): JSON
+            try:
+                self.loss_options = json.loads(self.loss_options)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"SelfPlayConfig.loss_options: not a JSON object: {err}") from None
         if not isinstance(self.loss_options, dict):
             raise TypeError(f"SelfPlayConfig.loss_options must be a dict, got {type(self.loss_options).__name__}")
         if self.beta is not None:
