@@ -401,3 +401,39 @@ def test_harness_pairs_train_in_trl(tmp_path):
     assert first["loss"] == pytest.approx(0.0, abs=1e-5)  # θ = the opponent whose log-probs are stored
     assert first["iris/real/ess"] == pytest.approx(8.0, rel=1e-4)
     assert (tmp_path / "trl" / "model" / "model.safetensors").is_file()
+
+
+# ----------------------------------------------------------------------------------------------
+# The trl-chunked benchmark peer
+# ----------------------------------------------------------------------------------------------
+
+
+def test_trl_chunked_provider_matches_the_library(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import providers as P
+
+    import iris_kernels
+
+    prov = P.TrlChunked()  # a fresh instance: the tile width is changed below
+    assert P.get("trl-chunked").name == prov.name
+    assert prov.skip_reason(torch.device("cpu"), torch.float32, "logprobs") is None
+    g = torch.Generator().manual_seed(0)
+    N, H, V = 37, 16, 1003  # odd sizes; V spans no whole tile
+    hidden = torch.randn(N, H, generator=g).requires_grad_()
+    weight = (torch.randn(V, H, generator=g) * 0.5).requires_grad_()
+    targets = torch.randint(0, V, (N,), generator=g)
+    targets[::5] = P.IGNORE_INDEX
+    prov.setup(type("Case", (), {"hidden": hidden})())  # setup reads only the device
+    prov._chunk = 256  # several vocabulary tiles
+    up = torch.randn(N, generator=g)
+    got = prov.logprobs(hidden, weight, targets)
+    gh, gw = torch.autograd.grad((got * up).sum(), (hidden, weight))
+    want = iris_kernels.linear_logprobs(hidden, weight, targets, backend="reference")
+    wh, ww = torch.autograd.grad((want * up).sum(), (hidden, weight))
+    assert torch.all(got[targets == P.IGNORE_INDEX] == 0)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gh, wh, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gw, ww, rtol=1e-4, atol=1e-5)
+
+    monkeypatch.setattr(P, "_installed", lambda module: module != "trl")
+    assert "not installed" in prov.skip_reason(torch.device("cpu"), torch.float32, "selfplay")
