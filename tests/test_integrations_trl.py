@@ -145,9 +145,12 @@ def test_trainer_loss_and_grads_equal_selfplay_loss(tmp_path, loss_name, precomp
 def test_first_step_at_reference(tmp_path, loss_name, expected):
     tok = _tokenizer()
     trainer = SelfPlayTrainer(_model(tok, tied=False), args=_args(tmp_path, loss_name=loss_name,
-                              precompute_ref_log_probs=True), train_dataset=_rows(), processing_class=tok)
+                              precompute_ref_log_probs=True, per_device_eval_batch_size=4),
+                              train_dataset=_rows(), eval_dataset=_rows(4, seed=3), processing_class=tok)
     trainer.train()
     first = trainer.state.log_history[0]
+    evaluated = trainer.evaluate()  # after one step θ != θ_ref: a finite loss and the same metric keys
+    assert math.isfinite(evaluated["eval_loss"]) and "eval_logps/chosen" in evaluated
     assert first["loss"] == pytest.approx(expected, abs=1e-6)
     if loss_name == "iris":
         assert first["iris/alpha"] == 1.0 and first["iris/real/ess"] == pytest.approx(4.0)
