@@ -39,6 +39,8 @@ setup(
             "datasets>=2.18",
         ],
         "liger": ["liger-kernel>=0.5"],
+        # iris_kernels.integrations.trl (SelfPlayTrainer) and the trl-chunked benchmark peer
+        "trl": ["trl>=1.16,<2", "datasets>=2.18"],
         "flash-attn": ["flash-attn>=2.6"],
     },
 )

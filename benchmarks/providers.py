@@ -329,6 +329,47 @@ class LigerDPO(Provider):
         return out[0] if isinstance(out, tuple) else out
 
 
+class TrlChunked(Provider):
+    """TRL's ``ChunkedLogProbFunction``: what ``trl.add_fused_lm_head`` (and so TRL's DPOTrainer)
+    runs for every policy forward. Called the way TRL's fused head calls it: on Triton devices
+    only the scored rows are projected (boolean compaction, as TRL does), elsewhere every row is
+    projected with the ignored targets clamped to 0 and the result zeroed there. Vocabulary tile
+    width: TRL's own default for the fused head.
+    """
+
+    name = "trl-chunked"
+
+    def skip_reason(self, device, dtype, workload, interpreter=False):
+        if not _installed("trl"):
+            return 'trl is not installed (pip install "iris-kernels[trl]")'
+        try:
+            importlib.import_module("trl.kernels.chunked_logprob")
+        except Exception as err:  # a broken install must show as a skip line, not a crash
+            return f"trl.kernels.chunked_logprob is not importable: {type(err).__name__}: {err}"
+        return super().skip_reason(device, dtype, workload, interpreter)
+
+    def setup(self, case):
+        super().setup(case)
+        from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+
+        self._fn = ChunkedLogProbFunction
+        try:
+            from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as chunk
+        except ImportError:  # private constant; 32768 is its value in trl 1.16
+            chunk = 32768
+        self._chunk = int(chunk)
+        self._compact = case.hidden.device.type in ("cuda", "xpu")
+
+    def logprobs(self, hidden, weight, targets):
+        mask = targets != IGNORE_INDEX
+        if self._compact:
+            out = self._fn.apply(hidden[mask], weight, None, targets[mask], 1.0, self._chunk, None, 1.0, ("log_probs",))[0]
+            return out.float().new_zeros(mask.shape).masked_scatter(mask, out.float())
+        out = self._fn.apply(hidden, weight, None, targets.clamp(min=0), 1.0, self._chunk, None, 1.0, ("log_probs",))[0]
+        # masked_fill keeps a NaN at a scored position and drops whatever the clamped rows gave.
+        return out.float().masked_fill(~mask, 0.0)
+
+
 # --------------------------------------------------------------------------------------------
 # This library
 # --------------------------------------------------------------------------------------------
@@ -448,6 +489,7 @@ PROVIDERS: Dict[str, Provider] = {
         LigerDPO(),
         CutCrossEntropy(),
         CutCrossEntropyExact(),
+        TrlChunked(),
         IrisTorch(),
         IrisTriton(),
         IrisTritonVariant("iris-triton-ws-hostcount", "workspace", True, host_count=True),

@@ -45,6 +45,7 @@ from train.objective import Objective, build_alpha_schedule
 from train.optim import lr_for_iteration, make_optimizer, warmup_linear_decay
 from train.scoring import reference_logprobs
 from train.shards import load_sharded, run_sharded
+from train.trl_export import write_trl_pairs
 
 
 def record_config(out: Path, cfg, log) -> None:
@@ -221,6 +222,8 @@ def main(argv=None) -> None:
                 accelerator.wait_for_everyone()
             reference[split] = load_sharded(examples, out_dir=it, prefix=f"reference-{split}",
                                             shard_size=cfg.generation.shard_size)
+        if is_main and not trained:  # the same pairs as a TRL preference dataset (train/trl_export.py)
+            write_trl_pairs(it, cfg, tokenizer, splits, synthetic, reference)
 
         # ------------------------------------------------------------ c. train θ_{t+1}
         if trained:
