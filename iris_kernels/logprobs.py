@@ -12,6 +12,7 @@ import torch
 from .autograd import TritonLinearLogprobs, interpreting
 from .chunked import ChunkedLinearLogprobs
 from .reference import reference_linear_logprobs
+from .sharding import full_weights
 from .types import Backend, LinearLogprobsOutput, LogprobsParams, accumulation_dtype
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -122,7 +123,10 @@ def linear_logprobs(
     Args:
         hidden: [..., H] float32, bfloat16 or float16 (float64 on the torch/reference backends);
             any strides.
-        weight: [V, H], same dtype and device (the lm_head weight, tied or not).
+        weight: [V, H], same dtype and device (the lm_head weight, tied or not). An FSDP2
+            ``DTensor`` shard is gathered here (differentiably; see ``iris_kernels.sharding``);
+            an ungathered DeepSpeed ZeRO-3 placeholder raises ValueError. Vocabulary-parallel
+            (tensor-parallel) heads are out of scope: the whole vocabulary is computed per rank.
         targets: integer tensor with hidden's leading shape.
         bias: optional [V].
         temperature: > 0; divides the (soft-capped) logits.
@@ -139,6 +143,7 @@ def linear_logprobs(
         fp32 log-probs with targets' shape (fp64 for fp64 inputs; or a ``LinearLogprobsOutput``). Differentiable
         w.r.t. hidden, weight and bias for any upstream gradient.
     """
+    weight, bias = full_weights(hidden, weight=weight, bias=bias)  # FSDP2 DTensor / ZeRO-3: sharding.py
     temperature, softcap = _validate(hidden, weight, targets, bias, temperature, softcap)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
