@@ -12,6 +12,7 @@ import torch
 from .autograd import TritonLinearLogprobs, interpreting
 from .chunked import ChunkedLinearLogprobs
 from .reference import reference_linear_logprobs
+from .custom_ops import apply_backend
 from .sharding import full_weights
 from .types import Backend, LinearLogprobsOutput, LogprobsParams, accumulation_dtype
 
@@ -184,7 +185,6 @@ def linear_logprobs(
     elif which is Backend.REFERENCE:
         logp, lse, entropy = reference_linear_logprobs(flat_hidden, weight, flat_targets, bias, params)
     else:
-        fn = TritonLinearLogprobs if which is Backend.TRITON else ChunkedLinearLogprobs
         if which is Backend.TRITON:
             # The kernels index rows with one stride and assume a unit last-dim stride.
             flat_hidden = flat_hidden if flat_hidden.stride(-1) == 1 else flat_hidden.contiguous()
@@ -192,7 +192,7 @@ def linear_logprobs(
             if bias is not None and bias.stride(0) != 1:
                 bias = bias.contiguous()  # the kernels read the bias with unit stride
             flat_targets = flat_targets.contiguous()
-        logp, lse, entropy = fn.apply(flat_hidden, weight, flat_targets, bias, params)
+        logp, lse, entropy = apply_backend(which.value, flat_hidden, weight, flat_targets, bias, params)  # custom op under torch.compile
         if not return_entropy:
             entropy = None
 
