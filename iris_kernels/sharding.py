@@ -25,6 +25,10 @@ gather above needs nothing but the tensor. Its limit: it always averages; a mode
 FSDP's reduction (``set_gradient_divide_factor``, or a sum instead of a mean) must gather the
 weight itself (``weight.full_tensor(grad_placements=...)``) before calling the op.
 
+The gathered weight keeps the shard's dtype. Under an FSDP2 ``MixedPrecisionPolicy`` whose
+param_dtype differs from the stored dtype, the head's forward would have cast it; here the op's
+dtype check asks for ``weight.to(hidden.dtype)`` (differentiable; the cast is local to the shard).
+
 Out of scope: vocabulary-parallel (tensor-parallel) heads, where each rank should compute the
 log-softmax over its own vocabulary slice and combine partial log-sum-exps; here a ``DTensor``
 weight is always gathered whole, so every rank computes over the full vocabulary. A ``DTensor``

@@ -2,7 +2,7 @@
 
 accelerate 1.15 turns ``distributed_type: FSDP`` into FSDP only for accelerator device types
 (CUDA, XPU, ...); on a CPU-only machine it silently falls back to plain multi-CPU DDP. This shim,
-started by ``accelerate launch --config_file train/configs/accelerate-fsdp2.yaml``, switches the
+started by ``accelerate launch --config_file train/configs/accelerate/fsdp2.yaml``, switches the
 state to FSDP after accelerate has built it, so the harness runs accelerate's own FSDP2 code
 (``fully_shard`` of every decoder layer and the root, sharded state dicts, gathered full state
 dict at save) over a gloo group. Nothing else is changed.

@@ -2,7 +2,7 @@
 
 accelerate 1.15 enables FSDP only on accelerator devices (on a CPU-only machine
 ``distributed_type: FSDP`` silently becomes plain multi-CPU DDP), so the launch is
-``accelerate launch --config_file train/configs/accelerate-fsdp2.yaml tests/fsdp2_cpu_launch.py``:
+``accelerate launch --config_file train/configs/accelerate/fsdp2.yaml tests/fsdp2_cpu_launch.py``:
 the shim switches accelerate's state to FSDP and runs the unchanged harness, which then goes
 through accelerate's own FSDP2 code (fully_shard per decoder layer + root, sharded checkpoints,
 full state dict at save) over gloo. Each test checks that FSDP really ran (sharded .distcp
@@ -29,7 +29,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "train" / "selfplay.py"
 SHIM = ROOT / "tests" / "fsdp2_cpu_launch.py"
-ACCEL_CONFIG = ROOT / "train" / "configs" / "accelerate-fsdp2.yaml"
+ACCEL_CONFIG = ROOT / "train" / "configs" / "accelerate" / "fsdp2.yaml"
 PRESET = ROOT / "train" / "configs" / "tiny-cpu.yaml"
 N_TRAIN, N_EVAL, BATCH, STEPS = 32, 16, 8, 4
 COMMON = ["--data.max_train_prompts", str(N_TRAIN), "--data.max_eval_prompts", str(N_EVAL), "--train.epochs", "1",
