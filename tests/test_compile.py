@@ -125,3 +125,17 @@ def test_tilted_risk_custom_ops_pass_opcheck():
     torch.library.opcheck(tilted_risk_fwd_op, (x, t, 1e-3))
     _, stats = tilted_risk_fwd_op(x, t, 1e-3)
     torch.library.opcheck(tilted_risk_bwd_op, (x, t, stats, torch.tensor(0.5), 2.0, torch.float64))
+
+
+def test_compiled_packed_batch_with_row_flags():
+    # A packed (padding-free) batch with cu_seqlens and an interleaved is_real list (index gathers).
+    body, weight, _, x, labels, ref = _setup(seed=4, bias=False)
+    cu = torch.tensor([0, 5, 9, 20, 28])
+    crit = ik.SelfPlayLoss("iris", alpha=0.7, beta=0.5, backend="torch")
+
+    def step(x, labels, ref):
+        h = torch.tanh(body(x.reshape(1, 28, H)))
+        value, _ = crit(h, weight, labels.reshape(1, 28), [True, False, False, True], ref_logps=ref, cu_seqlens=cu)
+        return value
+
+    _check(step, (x, labels, ref), _params(body, weight, None))
