@@ -355,9 +355,54 @@ class IrisTorch(IrisBackend):
 
 
 class IrisTriton(IrisBackend):
+    """backend="triton" with its defaults (tuning.AUTO): what a user gets without options."""
+
     name = "iris-triton"
     backend = "triton"
     uses_triton = True
+
+
+class IrisTritonVariant(IrisTriton):
+    """backend="triton" with one backward variant and compaction setting pinned (issue 8).
+
+    ``host_count``: pass the number of scored positions, counted on the host in setup() (outside
+    the timed region, as a training harness knows it from the labels it built), so that only the
+    scored rows are launched; without it compaction reads a device-resident count and the cuBLAS
+    products of the workspace backward still span all N rows.
+    """
+
+    def __init__(self, name: str, bwd: str, compact: bool, host_count: bool = False):
+        self.name, self.bwd, self.compact, self.host_count = name, bwd, compact, host_count
+
+    def setup(self, case):
+        super().setup(case)
+        self._num_valid = int((case.targets != IGNORE_INDEX).sum()) if self.host_count else None
+
+    def _kw(self):
+        return dict(bwd=self.bwd, compact=self.compact, num_valid=self._num_valid)
+
+    def logprobs(self, hidden, weight, targets):
+        return iris_kernels.linear_logprobs(
+            hidden, weight, targets, ignore_index=IGNORE_INDEX, backend="triton", **self._kw()
+        )
+
+    def selfplay(self, case):
+        seq = iris_kernels.sequence_logprobs(
+            case.hidden, case.weight, case.labels, shift=True, ignore_index=IGNORE_INDEX, backend="triton",
+            **self._kw(),
+        )
+        return self._objective(seq, case)
+
+
+class CutCrossEntropyExact(CutCrossEntropy):
+    """CCE with impl="cce_exact": no gradient filtering, its exact (and slower) configuration."""
+
+    name = "cce-exact"
+
+    def logprobs(self, hidden, weight, targets):
+        return -self._lce(
+            hidden, weight, targets, ignore_index=IGNORE_INDEX, reduction="none", impl="cce_exact"
+        ).float()
 
 
 # --------------------------------------------------------------------------------------------
@@ -401,8 +446,13 @@ PROVIDERS: Dict[str, Provider] = {
         LigerFLCE(),
         LigerDPO(),
         CutCrossEntropy(),
+        CutCrossEntropyExact(),
         IrisTorch(),
         IrisTriton(),
+        IrisTritonVariant("iris-triton-ws-hostcount", "workspace", True, host_count=True),
+        IrisTritonVariant("iris-triton-ws-nocompact", "workspace", False),
+        IrisTritonVariant("iris-triton-atomic", "atomic", True),
+        IrisTritonVariant("iris-triton-atomic-nocompact", "atomic", False),
         Floor(),
     )
 }

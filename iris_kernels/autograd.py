@@ -3,7 +3,20 @@
 Forward: one launch of the log-sum-exp kernel (the logits never leave registers) and a merge of
 the per-split statistics; saves only hidden, weight, bias, targets and the fp32 lse (N floats),
 plus E_p[z] (N floats) when the entropy is asked for.
-Backward: one launch of the recompute-and-accumulate kernel for any upstream gradient.
+
+Backward, two variants (``LogprobsParams.bwd``):
+  "workspace" (CUDA default, see tuning.py): per chunk of C rows, one Triton kernel
+      (ops/logits_grad.py) recomputes the logits and writes d(loss)/d(raw logits) once, in the
+      input dtype, into a [C, V] workspace allocated once per backward; then two cuBLAS products,
+      dHidden[chunk] = G W and dWeight += G^T h[chunk], the latter accumulated across chunks in
+      fp32 (see ``_accumulate_wgrad`` for how), and dBias as fp32 column sums in the kernel.
+  "atomic": one launch of the recompute-and-accumulate kernel (ops/logprobs_bwd.py) that adds
+      partial products into fp32 dHidden / dWeight with relaxed atomics.
+
+Compaction (``LogprobsParams.compact``): the scored rows (target != ignore_index) are moved to
+the front by a device-side stable permutation (compaction.py) with a device-resident count; the
+kernels skip or zero the rows past it. With ``num_valid`` (a host count given by the caller) only
+that many rows are gathered and launched. Neither path synchronises with the device.
 """
 from __future__ import annotations
 
@@ -12,9 +25,12 @@ import os
 import torch
 
 from .chunked import valid_rows
+from .compaction import compact_order
+from .ops.logits_grad import logits_grad
 from .ops.logprobs_bwd import logprobs_bwd
 from .ops.logprobs_fwd import logprobs_fwd
 from .reference import entropy_from_stats, finalize_logprobs
+from .tuning import padded_vocab, workspace_rows
 from .types import LogprobsParams
 
 
@@ -28,14 +44,66 @@ def interpreting() -> bool:
 # tests/test_kernels_compile.py checks this without a GPU. Not yet timed on hardware.
 GPU_FWD_TILES = (128, 128, 32, 8)
 GPU_BWD_TILES = (64, 128, 16, 8)
+# The workspace kernel holds the fp32 logits tile, its gradient and the store's addresses at once:
+# 128 x 128 tiles spill (ptxas, sm_90, 2026-11-29), 64 x 128 do not (194-242 registers). fp32
+# inputs (no tensor-core bf16 operands, ieee dot) need the narrower hidden step.
+GPU_GRAD_TILES = (64, 128, 64, 8)
+GPU_GRAD_TILES_FP32 = (64, 128, 32, 8)
 # The interpreter's cost grows with programs x loop steps, not FLOPs: few, large tiles.
 INTERPRETER_TILES = (32, 128, 64, 4)
 
 
-def tile_config(hidden: torch.Tensor, forward: bool):
+def tile_config(hidden: torch.Tensor, forward: bool, workspace: bool = False):
     if interpreting() or hidden.device.type != "cuda":
         return INTERPRETER_TILES
+    if workspace:
+        return GPU_GRAD_TILES_FP32 if hidden.dtype == torch.float32 else GPU_GRAD_TILES
     return GPU_FWD_TILES if forward else GPU_BWD_TILES
+
+
+# How dWeight += G^T h is accumulated in fp32 on each device type, decided at the first call:
+# "out_dtype" = one cuBLAS addmm with bf16/fp16 operands writing into the fp32 accumulator
+# (torch's addmm(..., out_dtype=torch.float32), CUDA only); "partial" = the chunk's product in the
+# input dtype (fp32 accumulation inside cuBLAS), cast and added to the fp32 accumulator: bf16
+# rounding once per chunk, never a bf16 running sum across chunks (CUDA without out_dtype);
+# "upcast" = operands copied to fp32 and one fp32 addmm (the CPU / interpreter path, where
+# memory is no concern: no rounding beyond the workspace's own).
+WGRAD_PATH = {}
+
+
+def _accumulate_wgrad(grad_w: torch.Tensor, g: torch.Tensor, h: torch.Tensor, *, allow_upcast: bool = True) -> None:
+    """grad_w (fp32 [V, H]) += g^T @ h with g [rows, V] and h [rows, H] in the input dtype."""
+    if g.dtype == torch.float32:
+        grad_w.addmm_(g.t(), h)
+        return
+    key = grad_w.device.type
+    if key != "cuda" and allow_upcast:
+        WGRAD_PATH[key] = "upcast"
+        grad_w.addmm_(g.t().float(), h.float())
+        return
+    if key == "cuda" and WGRAD_PATH.get(key, "out_dtype") == "out_dtype":
+        try:
+            torch.addmm(grad_w, g.t(), h, out_dtype=torch.float32, out=grad_w)
+            WGRAD_PATH[key] = "out_dtype"
+            return
+        except (RuntimeError, TypeError, NotImplementedError):
+            pass  # this torch has no mixed-dtype addmm: fall back, once and for all
+    WGRAD_PATH[key] = "partial"
+    grad_w += torch.mm(g.t(), h)
+
+
+def _row_vectors(grad_logp, grad_lse, grad_entropy, targets, V, params, n):
+    """Upstream gradients as fp32 [N] with the rows that have no gradient zeroed."""
+    zeros = torch.zeros(n, dtype=torch.float32, device=targets.device)
+    # A constant output (0.0 at ignored rows, NaN at out-of-range targets) has no gradient.
+    row_ok = valid_rows(targets, V, params.ignore_index)
+    c_lp = zeros if grad_logp is None else torch.where(row_ok, grad_logp.float(), zeros)
+    c_lse = None if grad_lse is None else grad_lse.float().contiguous()
+    if params.return_entropy and grad_entropy is not None:
+        c_ent = torch.where(targets == params.ignore_index, zeros, grad_entropy.float())
+    else:
+        c_ent = None
+    return c_lp.contiguous(), c_lse, c_ent
 
 
 class TritonLinearLogprobs(torch.autograd.Function):
@@ -43,16 +111,42 @@ class TritonLinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, bias, params: LogprobsParams):
+        N = hidden.shape[0]
         V = weight.shape[0]
         upcast = interpreting()
-        lse, target_z, mean_z = logprobs_fwd(
-            hidden, weight, targets, bias,
-            inv_temperature=1.0 / params.temperature,
-            softcap=params.softcap,
-            with_entropy=params.return_entropy,
-            upcast=upcast,
-            tiles=tile_config(hidden, forward=True),
-        )
+        rows = n_valid = None
+        h_run, t_run = hidden, targets
+        if params.compact:
+            perm, count = compact_order(targets != params.ignore_index)
+            if params.num_valid is not None:
+                rows = perm[: params.num_valid]
+            else:
+                rows, n_valid = perm, count
+            h_run, t_run = hidden.index_select(0, rows), targets.index_select(0, rows)
+        if h_run.shape[0] == 0:  # num_valid = 0: nothing to launch
+            empty = torch.zeros(0, dtype=torch.float32, device=hidden.device)
+            lse, target_z, mean_z = empty, empty, empty if params.return_entropy else None
+        else:
+            lse, target_z, mean_z = logprobs_fwd(
+                h_run, weight, t_run, bias,
+                inv_temperature=1.0 / params.temperature,
+                softcap=params.softcap,
+                with_entropy=params.return_entropy,
+                upcast=upcast,
+                tiles=tile_config(hidden, forward=True),
+                n_valid=n_valid,
+            )
+        del h_run
+        if rows is not None:
+            # Back to the caller's order; rows never computed (ignored) hold 0 and are masked below.
+            def scatter(x):
+                return None if x is None else torch.zeros(N, dtype=x.dtype, device=x.device).index_copy_(0, rows, x)
+            if n_valid is not None:
+                # Rows past the count carry unspecified statistics: zero them before the scatter.
+                computed = torch.arange(N, device=hidden.device) < n_valid
+                lse, target_z = torch.where(computed, lse, 0.0), torch.where(computed, target_z, 0.0)
+                mean_z = None if mean_z is None else torch.where(computed, mean_z, 0.0)
+            lse, target_z, mean_z = scatter(lse), scatter(target_z), scatter(mean_z)
         logp = finalize_logprobs(target_z - lse, targets, V, params.ignore_index)
         if params.return_entropy:
             entropy = entropy_from_stats(lse, mean_z, targets, params.ignore_index)
@@ -67,28 +161,25 @@ class TritonLinearLogprobs(torch.autograd.Function):
         hidden, weight, targets, bias, lse, mean_z = ctx.saved_tensors
         params: LogprobsParams = ctx.params
         need_h, need_w, _, need_b, _ = ctx.needs_input_grad
+        need_b = need_b and bias is not None
+        N, H = hidden.shape
         V = weight.shape[0]
-        zeros = torch.zeros_like(lse)
-        # A constant output (0.0 at ignored rows, NaN at out-of-range targets) has no gradient.
-        row_ok = valid_rows(targets, V, params.ignore_index)
-        grad_logp = zeros if grad_logp is None else torch.where(row_ok, grad_logp.float(), zeros)
-        if grad_lse is not None:
-            grad_lse = grad_lse.float().contiguous()
-        if params.return_entropy and grad_entropy is not None:
-            ignored = targets == params.ignore_index
-            grad_entropy = torch.where(ignored, zeros, grad_entropy.float())
+        c_lp, c_lse, c_ent = _row_vectors(grad_logp, grad_lse, grad_entropy, targets, V, params, N)
+        rows = n_valid = None
+        if params.compact:
+            # The same permutation as the forward (recomputed: N int64, cheaper than saving it).
+            perm, count = compact_order(targets != params.ignore_index)
+            if params.num_valid is not None:
+                rows = perm[: params.num_valid]
+            else:
+                rows, n_valid = perm, count
+        if params.bwd == "atomic":
+            grads = _atomic_backward(hidden, weight, targets, bias, lse, mean_z, c_lp, c_lse, c_ent,
+                                     rows, n_valid, need_h, need_w, need_b, params)
         else:
-            grad_entropy = None
-        grad_h, grad_w, grad_b = logprobs_bwd(
-            hidden, weight, targets, bias, lse, mean_z,
-            grad_logp.contiguous(), grad_lse, grad_entropy,
-            need_hidden=need_h, need_weight=need_w, need_bias=need_b and bias is not None,
-            inv_temperature=1.0 / params.temperature,
-            softcap=params.softcap,
-            temperature=params.temperature,
-            upcast=interpreting(),
-            tiles=tile_config(hidden, forward=False),
-        )
+            grads = _workspace_backward(hidden, weight, targets, bias, lse, mean_z, c_lp, c_lse, c_ent,
+                                        rows, n_valid, need_h, need_w, need_b, params)
+        grad_h, grad_w, grad_b = grads
         return (
             None if grad_h is None else grad_h.to(hidden.dtype),
             None if grad_w is None else grad_w.to(weight.dtype),
@@ -96,3 +187,95 @@ class TritonLinearLogprobs(torch.autograd.Function):
             None if grad_b is None else grad_b.to(bias.dtype),
             None,
         )
+
+
+def _gather(x, rows):
+    return x if (x is None or rows is None) else x.index_select(0, rows)
+
+
+def _atomic_backward(hidden, weight, targets, bias, lse, mean_z, c_lp, c_lse, c_ent,
+                     rows, n_valid, need_h, need_w, need_b, params):
+    if rows is not None and rows.shape[0] == 0:  # num_valid = 0: every gradient is zero
+        f32 = dict(dtype=torch.float32, device=hidden.device)
+        return (torch.zeros(hidden.shape, **f32) if need_h else None,
+                torch.zeros(weight.shape, **f32) if need_w else None,
+                torch.zeros(weight.shape[0], **f32) if need_b else None)
+    grad_h, grad_w, grad_b = logprobs_bwd(
+        _gather(hidden, rows), weight, _gather(targets, rows), bias, _gather(lse, rows),
+        _gather(mean_z, rows), _gather(c_lp, rows), _gather(c_lse, rows), _gather(c_ent, rows),
+        need_hidden=need_h, need_weight=need_w, need_bias=need_b,
+        inv_temperature=1.0 / params.temperature,
+        softcap=params.softcap,
+        temperature=params.temperature,
+        upcast=interpreting(),
+        tiles=tile_config(hidden, forward=False),
+        n_valid=n_valid,
+    )
+    if grad_h is not None and rows is not None:
+        grad_h = torch.zeros(hidden.shape, dtype=grad_h.dtype, device=hidden.device).index_copy_(0, rows, grad_h)
+    return grad_h, grad_w, grad_b
+
+
+def _workspace_backward(hidden, weight, targets, bias, lse, mean_z, c_lp, c_lse, c_ent,
+                        rows, n_valid, need_h, need_w, need_b, params):
+    """Chunked dZ workspace + cuBLAS products; see the module docstring and ops/logits_grad.py."""
+    N, H = hidden.shape
+    V = weight.shape[0]
+    M = N if rows is None else rows.shape[0]  # rows processed, in processing order
+    # Per-row vectors in processing order (O(N) floats each).
+    t_run, lse_run = _gather(targets, rows), _gather(lse, rows)
+    c_lp, c_lse, c_ent = _gather(c_lp, rows), _gather(c_lse, rows), _gather(c_ent, rows)
+    # Entropy H = lse - E_p[z] from today's forward statistics; the kernel takes H itself so the
+    # entropy term -c_ent p (log p + H) does not cancel at large common offsets.
+    ent = None if c_ent is None else lse_run - _gather(mean_z, rows)
+    live = c_lp != 0
+    if c_lse is not None:
+        live |= c_lse != 0
+    if c_ent is not None:
+        live |= c_ent != 0
+    if n_valid is not None:
+        live &= torch.arange(M, device=hidden.device) < n_valid
+
+    tiles = tile_config(hidden, forward=False, workspace=True)
+    C = workspace_rows(V, hidden.element_size(), params.workspace_bytes, M, multiple=tiles[0])
+    # Allocated once per backward, rows padded to 16 bytes for the tensor-core GEMMs.
+    workspace = torch.empty((C, padded_vocab(V)), dtype=hidden.dtype, device=hidden.device)[:, :V]
+    # The interpreter's fp32 -> bf16 store does not round to nearest (it is biased, and a biased
+    # gradient sums coherently into dW): there the kernel writes fp32 and torch casts (RTNE), the
+    # rounding a GPU's cvt.rn does in the kernel.
+    staging = None
+    if interpreting() and hidden.dtype != torch.float32:
+        staging = torch.empty((C, V), dtype=torch.float32, device=hidden.device)
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    grad_h = torch.zeros((N, H), dtype=hidden.dtype, device=hidden.device) if need_h else None
+    grad_w = torch.zeros((V, H), **f32) if need_w else None
+    grad_b = torch.zeros((V,), **f32) if need_b else None
+    for start in range(0, M, C):
+        stop = min(start + C, M)
+        sl = slice(start, stop)
+        idx = None if rows is None else rows[sl]
+        h = hidden[sl] if idx is None else hidden.index_select(0, idx)
+        g = workspace[: stop - start]
+        logits_grad(
+            h, weight, t_run[sl], bias, lse_run[sl], None if ent is None else ent[sl],
+            c_lp[sl], None if c_lse is None else c_lse[sl], None if c_ent is None else c_ent[sl],
+            g if staging is None else staging[: stop - start], grad_b,
+            row0=start, n_valid=n_valid,
+            inv_temperature=1.0 / params.temperature,
+            softcap=params.softcap,
+            temperature=params.temperature,
+            upcast=interpreting(),
+            tiles=tiles,
+        )
+        if staging is not None:
+            g.copy_(staging[: stop - start])
+        if grad_h is not None:
+            if idx is None:
+                torch.mm(g, weight, out=grad_h[sl])
+            else:
+                grad_h.index_copy_(0, idx, torch.mm(g, weight))
+        if grad_w is not None:
+            # Dead rows add nothing even with a NaN hidden state (0 * NaN is NaN in a GEMM).
+            _accumulate_wgrad(grad_w, g, torch.where(live[sl, None], h, 0.0))
+        del h
+    return grad_h, grad_w, grad_b

@@ -19,16 +19,16 @@ from typing import Optional
 import torch
 
 from .reference import entropy_from_stats, finalize_logprobs, safe_targets, transform_logits
+from .tuning import torch_chunk_size
 from .types import LogprobsParams, accumulation_dtype
 
-# A chunk's fp32 logits are about this many elements (4 Mi elements = 16 MiB).
-_CHUNK_ELEMENTS = 1 << 22
 
-
-def chunk_size_for(vocab_size: int, params: LogprobsParams) -> int:
+def chunk_size_for(vocab_size: int, params: LogprobsParams, device: Optional[torch.device] = None) -> int:
+    """Tokens per chunk: ``params.chunk_size``, else 16 MiB of fp32 logits on CPU and the
+    workspace budget on CUDA (tuning.torch_chunk_size)."""
     if params.chunk_size is not None:
         return params.chunk_size
-    return max(16, _CHUNK_ELEMENTS // max(vocab_size, 1))
+    return torch_chunk_size(vocab_size, device, params.workspace_bytes)
 
 
 def valid_rows(targets: torch.Tensor, vocab_size: int, ignore_index: int) -> torch.Tensor:
@@ -103,7 +103,7 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, bias, params: LogprobsParams):
         N, V = hidden.shape[0], weight.shape[0]
-        chunk = chunk_size_for(V, params)
+        chunk = chunk_size_for(V, params, hidden.device)
         acc = accumulation_dtype(hidden.dtype)
         logp = torch.empty(N, dtype=acc, device=hidden.device)
         lse = torch.empty_like(logp)
@@ -143,7 +143,7 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
         if not params.return_entropy:
             grad_entropy = None
         N, V = hidden.shape[0], weight.shape[0]
-        chunk = chunk_size_for(V, params)
+        chunk = chunk_size_for(V, params, hidden.device)
         need_h, need_w, _, need_b, _ = ctx.needs_input_grad
         grad_h = torch.empty_like(hidden) if need_h else None
         # fp32 accumulation of the weight (and bias) gradient whatever the input dtype.

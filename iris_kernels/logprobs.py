@@ -14,6 +14,7 @@ from .chunked import ChunkedLinearLogprobs
 from .reference import reference_linear_logprobs
 from .custom_ops import apply_backend
 from .sharding import full_weights
+from .tuning import BACKWARDS, auto_choice
 from .types import Backend, LinearLogprobsOutput, LogprobsParams, accumulation_dtype
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -101,6 +102,20 @@ def check_targets_in_range(targets: torch.Tensor, vocab_size: int, ignore_index:
         )
 
 
+def _check_cuda_options(bwd, compact, workspace_bytes, num_valid):
+    """Type/range checks of the backend="triton" keywords (issue 8), before any work."""
+    if bwd != "auto" and bwd not in BACKWARDS:
+        raise ValueError(f"bwd must be 'auto', 'workspace' or 'atomic', got {bwd!r}")
+    if compact != "auto" and not isinstance(compact, bool):
+        raise TypeError(f"compact must be True, False or 'auto', got {compact!r}")
+    if workspace_bytes is not None and (
+        isinstance(workspace_bytes, bool) or not isinstance(workspace_bytes, int) or workspace_bytes < 1
+    ):
+        raise ValueError(f"workspace_bytes must be a positive int (bytes), got {workspace_bytes!r}")
+    if num_valid is not None and (isinstance(num_valid, bool) or not isinstance(num_valid, int) or num_valid < 0):
+        raise ValueError(f"num_valid must be a non-negative int, got {num_valid!r}")
+
+
 def linear_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -115,6 +130,10 @@ def linear_logprobs(
     backend: Union[str, Backend] = "auto",
     chunk_size: Optional[int] = None,
     validate: bool = False,
+    bwd: str = "auto",
+    compact: Union[bool, str] = "auto",
+    workspace_bytes: Optional[int] = None,
+    num_valid: Optional[int] = None,
 ):
     """log p(targets | hidden) under the output projection ``weight``, without the [N, V] logits.
 
@@ -136,9 +155,26 @@ def linear_logprobs(
         return_lse / return_entropy: also return the log-sum-exp / the entropy per position
             (both differentiable); the result is then a ``LinearLogprobsOutput``.
         backend: "auto" (Triton on CUDA, torch elsewhere), "triton", "torch" or "reference".
-        chunk_size: tokens per chunk for the torch backend (default: from V, ~16 MiB of logits).
+        chunk_size: tokens per chunk for the torch backend (default: from V; ~16 MiB of fp32
+            logits on CPU, ``workspace_bytes`` of them on CUDA: 1664 tokens at V = 151936).
         validate: also check that targets lie in [0, V) (synchronises with the device; off by
             default). Without it an out-of-range target never reads out of bounds and yields NaN.
+            With ``num_valid`` it also checks that count against the targets.
+        bwd: backend="triton" backward: "workspace" (a recompute kernel writes the logits'
+            gradient into a [C, V] workspace in the input dtype, then cuBLAS products, fp32
+            weight-gradient accumulation), "atomic" (one fused kernel adding fp32 partial
+            products with atomics), or "auto" (iris_kernels.tuning.AUTO; "workspace" until a
+            GPU measurement says otherwise).
+        compact: backend="triton": skip ignored positions in forward and backward by a
+            device-side stable compaction (no host synchronisation). "auto" compacts unless
+            ``return_lse`` is set; True with ``return_lse`` is a ValueError (the lse of an
+            ignored position is not computed). Ignored by the other backends.
+        workspace_bytes: byte budget of the workspace (default 1 GiB); C = budget / (V x itemsize)
+            rows, a multiple of 128, at least 128. Also sizes the torch backend's CUDA chunks.
+        num_valid: optional host count of non-ignored positions (targets != ignore_index). With
+            compaction, only that many rows are gathered and launched (without it, the kernels
+            read a device-resident count and the cuBLAS products run over all N rows). It must be
+            exact: rows beyond it are treated as ignored; ``validate=True`` checks it.
 
     Returns:
         fp32 log-probs with targets' shape (fp64 for fp64 inputs; or a ``LinearLogprobsOutput``). Differentiable
@@ -150,7 +186,18 @@ def linear_logprobs(
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    _check_cuda_options(bwd, compact, workspace_bytes, num_valid)
     which = resolve_backend(backend, hidden.device)
+    if compact is True and return_lse and which is Backend.TRITON:
+        raise ValueError("compact=True cannot be combined with return_lse=True (ignored positions get no lse)")
+    if num_valid is not None and num_valid > targets.numel():
+        raise ValueError(f"num_valid = {num_valid} exceeds the number of positions {targets.numel()}")
+    if bwd == "auto":
+        bwd = auto_choice(hidden.device, "bwd")
+    if compact == "auto":
+        compact = bool(auto_choice(hidden.device, "compact")) and not return_lse
+    if workspace_bytes is None:
+        workspace_bytes = auto_choice(hidden.device, "workspace_bytes")
     if which is Backend.TRITON:
         if hidden.dtype not in _TRITON_DTYPES:
             raise TypeError(f"backend='triton' supports float32, bfloat16 and float16, got {hidden.dtype}")
@@ -162,6 +209,10 @@ def linear_logprobs(
     V, H = weight.shape
     if validate:
         check_targets_in_range(targets, V, ignore_index)
+        if num_valid is not None:
+            actual = int((targets != ignore_index).sum())
+            if actual != num_valid:
+                raise ValueError(f"num_valid = {num_valid} but targets hold {actual} non-ignored positions")
 
     params = LogprobsParams(
         ignore_index=ignore_index,
@@ -169,6 +220,10 @@ def linear_logprobs(
         softcap=softcap,
         return_entropy=return_entropy,
         chunk_size=chunk_size,
+        bwd=bwd,
+        compact=compact and which is Backend.TRITON,
+        workspace_bytes=workspace_bytes,
+        num_valid=num_valid,
     )
     lead_shape = targets.shape
     flat_hidden = hidden.reshape(-1, H)
@@ -263,6 +318,10 @@ def sequence_logprobs(
     cu_seqlens: Optional[torch.Tensor] = None,
     backend: Union[str, Backend] = "auto",
     validate: bool = False,
+    bwd: str = "auto",
+    compact: Union[bool, str] = "auto",
+    workspace_bytes: Optional[int] = None,
+    num_valid: Optional[int] = None,
 ) -> torch.Tensor:
     """Per-sequence summed log-probs s(x, y) = sum_k log p(y_k | ...) over non-ignored labels.
 
@@ -277,6 +336,9 @@ def sequence_logprobs(
             Bad offsets never index out of bounds (positions past cu_seqlens[-1] are dropped).
         validate: also check that cu_seqlens starts at 0, never decreases and stays within the
             packed length, and that labels lie in [0, V) (synchronises; off by default).
+        num_valid: the caller's host count of scored positions after the shift (non-ignored
+            targets), as in ``linear_logprobs``. Never counted here: labels on a device would
+            have to be read back (a sync), and labels on the host mean hidden is there too.
         Other arguments as in ``linear_logprobs``.
 
     Returns:
@@ -321,6 +383,7 @@ def sequence_logprobs(
     token_logp = linear_logprobs(
         hidden, weight, targets, bias=bias, temperature=temperature, softcap=softcap,
         ignore_index=ignore_index, backend=backend, validate=validate,
+        bwd=bwd, compact=compact, workspace_bytes=workspace_bytes, num_valid=num_valid,
     )
     scored = (targets != ignore_index).float()
     if cu_seqlens is None:

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from .distributed import StepNormalizer, StepStats, check_scope
-from .logprobs import packed_sums, sequence_logprobs, shift_labels
+from .logprobs import _check_cuda_options, packed_sums, sequence_logprobs, shift_labels
 from .losses import check_loss_hparams, get_loss
 from .schedules import AlphaSchedule, make_schedule
 from .sharding import full_weights
@@ -47,7 +47,8 @@ __all__ = ["SelfPlayLoss"]
 # Losses that pair annotated row i with synthetic row i (n = m required).
 PAIRED_LOSSES = frozenset({"spin", "dpo"})
 # Keywords SelfPlayLoss itself supplies to the loss; a user may not pass them via **loss_kwargs.
-_MODULE_OWNED = frozenset({"alpha", "beta", "return_metrics", "scope", "group", "stats", "backend", "num_tokens_real"})
+_MODULE_OWNED = frozenset({"alpha", "beta", "return_metrics", "scope", "group", "stats", "backend", "num_tokens_real",
+                           "bwd", "compact", "workspace_bytes"})
 
 RowSelection = Union[slice, torch.Tensor]
 
@@ -156,6 +157,8 @@ class SelfPlayLoss(nn.Module):
             reference alike; a precomputed ``ref_logps`` must use the same setting).
         backend: log-prob backend, "auto" | "triton" | "torch" | "reference". The tilted-risk
             terms use "triton" when the log-probs do (and for "auto"), "torch" otherwise.
+        bwd, compact, workspace_bytes: backend="triton" backward variant, ignored-row compaction
+            and workspace budget, as in ``linear_logprobs`` (defaults from iris_kernels.tuning).
         scope, group: normalisation scope "micro" | "rank" | "global" and process group
             (``iris_kernels.distributed``); None keeps the loss's default ("rank").
         **loss_kwargs: other keyword hyper-parameters of the loss (e.g. ``variant="hinge"`` for
@@ -188,6 +191,9 @@ class SelfPlayLoss(nn.Module):
         backend: str = "auto",
         scope: Optional[str] = None,
         group: Any = None,
+        bwd: str = "auto",
+        compact: Any = "auto",
+        workspace_bytes: Optional[int] = None,
         **loss_kwargs: Any,
     ):
         super().__init__()
@@ -249,6 +255,8 @@ class SelfPlayLoss(nn.Module):
             raise ValueError(f"backend must be one of {[b.value for b in Backend]}, got {backend!r}") from None
         if scope is not None:
             check_scope(scope)
+        _check_cuda_options(bwd, compact, workspace_bytes, None)
+        self.cuda_options = dict(bwd=bwd, compact=compact, workspace_bytes=workspace_bytes)
         self.scope, self.group = scope, group
         self.ignore_index = int(ignore_index)
         self.temperature = float(temperature)
@@ -279,7 +287,7 @@ class SelfPlayLoss(nn.Module):
             hidden, weight, labels,
             shift=self.shift, ignore_index=self.ignore_index, bias=bias, temperature=self.temperature,
             softcap=self.softcap, length_normalize=self.length_normalize, cu_seqlens=cu_seqlens,
-            backend=self.backend.value,
+            backend=self.backend.value, **self.cuda_options,
         )
 
     def _hparams(self, step: Optional[int]) -> Dict[str, Any]:

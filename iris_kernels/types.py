@@ -33,6 +33,13 @@ class LogprobsParams:
     return_entropy: bool = False
     # torch backend: tokens per chunk (None = chosen from V so a chunk's logits stay ~16 MiB).
     chunk_size: Optional[int] = None
+    # backend="triton" (issue 8): backward variant ("workspace" | "atomic"), ignored-row
+    # compaction, the workspace budget in bytes (also sizes the torch backend's CUDA chunks) and
+    # the caller's host count of scored rows (None: the kernels read a device-resident count).
+    bwd: str = "workspace"
+    compact: bool = False
+    workspace_bytes: int = 1 << 30
+    num_valid: Optional[int] = None
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

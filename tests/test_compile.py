@@ -6,11 +6,14 @@ CPU only here: the torch backend, and the Triton backend through the interpreter
 boundary is the same one a CUDA run uses). Mostly the aot_eager compiler (dynamo + AOTAutograd,
 the parts that see the ops), plus one inductor step for the torch backend.
 """
+import dataclasses
+
 import pytest
 import torch
 
 import iris_kernels as ik
-from iris_kernels.custom_ops import linear_logprobs_fwd, tilted_risk_bwd_op, tilted_risk_fwd_op
+from iris_kernels.custom_ops import PARAM_FIELDS, linear_logprobs_fwd, linear_logprobs_op, tilted_risk_bwd_op, tilted_risk_fwd_op
+from iris_kernels.types import LogprobsParams
 
 V, H = 37, 16
 
@@ -62,16 +65,23 @@ def _check(step, args, params, *, compiler="aot_eager", tol=0.0, ops=("linear_lo
     assert all(bool(torch.isfinite(g).all()) and bool(g.abs().sum() > 0) for g in g_comp)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_compiled_token_logprobs_step(backend):
+@pytest.mark.parametrize("backend, options", [
+    ("torch", {}),
+    ("triton", {}),
+    ("triton", {"bwd": "atomic", "compact": True}),
+    ("triton", {"bwd": "workspace", "compact": True, "num_valid": 20}),
+])
+def test_compiled_token_logprobs_step(backend, options):
     body, weight, b, x, labels, _ = _setup()
 
     def step(x, labels):
         h = torch.tanh(body(x))
-        out = ik.linear_logprobs(h, weight, labels, bias=b, backend=backend, return_lse=True, return_entropy=True,
-                                 softcap=4.0, temperature=0.8)
+        with_lse = not options.get("compact")  # compaction gives ignored rows no lse
+        out = ik.linear_logprobs(h, weight, labels, bias=b, backend=backend, return_lse=with_lse,
+                                 return_entropy=True, softcap=4.0, temperature=0.8, **options)
         # every output carries an upstream gradient, with unequal weights
-        return -out.logprobs.sum() + 0.3 * out.entropy.sum() + 0.01 * out.lse.square().sum()
+        value = -out.logprobs.sum() + 0.3 * out.entropy.sum()
+        return value + 0.01 * out.lse.square().sum() if with_lse else value
 
     _check(step, (x, labels), _params(body, weight, b))
 
@@ -115,8 +125,32 @@ def test_custom_ops_pass_opcheck(backend, entropy, with_bias):
     b = torch.randn(V, generator=g, requires_grad=True) if with_bias else None
     t = torch.randint(0, V, (9,), generator=g)
     t[2] = -100
-    args = (h, w, t, b, -100, 1.0, 3.0 if entropy else None, entropy, None, backend)
+    params = LogprobsParams(softcap=3.0 if entropy else None, return_entropy=entropy)
+    args = (h, w, t, b, backend, *(getattr(params, f) for f in PARAM_FIELDS))
     torch.library.opcheck(linear_logprobs_fwd, args)
+
+
+def test_op_schema_lists_every_logprobs_param():
+    # A new LogprobsParams field must also become an op argument, or compiled calls would drop it.
+    assert PARAM_FIELDS == tuple(f.name for f in dataclasses.fields(LogprobsParams))
+
+
+def test_double_backward_through_a_compiled_step_raises():
+    body, weight, b, x, labels, _ = _setup(seed=5)
+
+    def step(x, labels):
+        return ik.linear_logprobs(torch.tanh(body(x)), weight, labels, bias=b, backend="torch").sum()
+
+    out = torch.compile(step, fullgraph=True, backend="aot_eager")(x, labels)
+    with pytest.raises(RuntimeError, match="double backward"):  # AOTAutograd's own refusal
+        (g,) = torch.autograd.grad(out, weight, create_graph=True)
+        g.square().sum().backward()
+    # The op itself, outside a compiled region (torch.library dispatch, e.g. under export).
+    h = torch.tanh(body(x)).reshape(-1, H)
+    logp, _, _ = linear_logprobs_op("torch", h, weight, labels.reshape(-1), b, LogprobsParams())
+    (g,) = torch.autograd.grad(logp.sum(), weight, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward is not supported by the fused log-prob backends"):
+        g.square().sum().backward()
 
 
 def test_tilted_risk_custom_ops_pass_opcheck():

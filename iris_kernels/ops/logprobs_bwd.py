@@ -39,6 +39,7 @@ def logprobs_bwd_kernel(
     grad_hidden_ptr,  # fp32 [N, H], zero-initialised
     grad_weight_ptr,  # fp32 [V, H], zero-initialised
     grad_bias_ptr,  # fp32 [V], zero-initialised
+    n_valid_ptr,  # int64 [1]: rows >= n_valid (compacted order) add nothing (HAS_COUNT)
     N,
     V,
     H,
@@ -54,6 +55,7 @@ def logprobs_bwd_kernel(
     NEED_GRAD_HIDDEN: tl.constexpr,
     NEED_GRAD_WEIGHT: tl.constexpr,
     NEED_GRAD_BIAS: tl.constexpr,
+    HAS_COUNT: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE_DOT: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -67,9 +69,15 @@ def logprobs_bwd_kernel(
     offs_v = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
     n_mask = offs_n < N
     v_mask = offs_v < V
+    H_run = H
+    if HAS_COUNT:
+        # Row blocks past the device-resident count of compacted rows: empty loops, nothing added.
+        n_valid = tl.load(n_valid_ptr)
+        n_mask = n_mask & (offs_n < n_valid)
+        H_run = tl.where(pid_n.to(tl.int64) * BLOCK_N < n_valid, H, 0)
 
     z = logits_tile(
-        hidden_ptr, weight_ptr, bias_ptr, offs_n, offs_v, n_mask, v_mask, H,
+        hidden_ptr, weight_ptr, bias_ptr, offs_n, offs_v, n_mask, v_mask, H_run,
         stride_hn, stride_wv, inv_temperature, softcap,
         HAS_BIAS, HAS_SOFTCAP, UPCAST, IEEE_DOT, BLOCK_N, BLOCK_V, BLOCK_H,
     )
@@ -108,7 +116,7 @@ def logprobs_bwd_kernel(
     else:
         # Tensor-core products in the input dtype (fp32 accumulation), as in the forward.
         g_dot = g.to(hidden_ptr.dtype.element_ty)
-    for h0 in range(0, H, BLOCK_H):
+    for h0 in range(0, H_run, BLOCK_H):
         offs_h = h0 + tl.arange(0, BLOCK_H)
         h_mask = offs_h < H
         if NEED_GRAD_HIDDEN:
@@ -151,8 +159,11 @@ def logprobs_bwd_kernel(
 
 def logprobs_bwd(hidden, weight, targets, bias, lse, mean_z, grad_logp, grad_lse, grad_entropy,
                  *, need_hidden, need_weight, need_bias, inv_temperature, softcap, temperature,
-                 upcast, tiles):
-    """Returns fp32 (grad_hidden | None, grad_weight | None, grad_bias | None)."""
+                 upcast, tiles, n_valid=None):
+    """Returns fp32 (grad_hidden | None, grad_weight | None, grad_bias | None).
+
+    ``n_valid``: optional int64 [1] device tensor; rows at or past it add nothing.
+    """
     N, H = hidden.shape
     V = weight.shape[0]
     block_n, block_v, block_h, num_warps = tiles
@@ -171,6 +182,7 @@ def logprobs_bwd(hidden, weight, targets, bias, lse, mean_z, grad_logp, grad_lse
         grad_hidden if need_hidden else dummy,
         grad_weight if need_weight else dummy,
         grad_bias if need_bias else dummy,
+        n_valid if n_valid is not None else targets,
         N, V, H, hidden.stride(0), weight.stride(0),
         inv_temperature,
         softcap if softcap is not None else 1.0,
@@ -182,6 +194,7 @@ def logprobs_bwd(hidden, weight, targets, bias, lse, mean_z, grad_logp, grad_lse
         NEED_GRAD_HIDDEN=need_hidden,
         NEED_GRAD_WEIGHT=need_weight,
         NEED_GRAD_BIAS=need_bias,
+        HAS_COUNT=n_valid is not None,
         UPCAST=upcast,
         IEEE_DOT=hidden.dtype == torch.float32,
         BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h,

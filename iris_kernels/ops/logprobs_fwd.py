@@ -25,6 +25,7 @@ def logprobs_fwd_kernel(
     part_sum_ptr,
     part_target_ptr,
     part_zsum_ptr,
+    n_valid_ptr,  # int64 [1]: rows >= n_valid (compacted order) are skipped (HAS_COUNT)
     N,
     V,
     H,
@@ -36,6 +37,7 @@ def logprobs_fwd_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     WITH_ENTROPY: tl.constexpr,
+    HAS_COUNT: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE_DOT: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -57,6 +59,11 @@ def logprobs_fwd_kernel(
 
     v_begin = pid_s.to(tl.int64) * v_per_split
     v_end = tl.minimum(v_begin + v_per_split, V)
+    if HAS_COUNT:
+        # Ignored rows compacted past the device-resident count: an empty loop, no logits.
+        # Their statistics are written but never used (the caller keeps only scored rows).
+        live = pid_n.to(tl.int64) * BLOCK_N < tl.load(n_valid_ptr)
+        v_end = tl.where(live, v_end, v_begin)
     for v0 in range(v_begin, v_end, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
         v_mask = offs_v < v_end
@@ -103,8 +110,12 @@ def merge_partials(part_max, part_sum, part_target, part_zsum):
 
 
 def logprobs_fwd(hidden, weight, targets, bias, *, inv_temperature, softcap, with_entropy,
-                 upcast, tiles, num_splits=None):
-    """hidden [N, H] and weight [V, H] row-contiguous; returns (lse, target_z, mean_z | None)."""
+                 upcast, tiles, num_splits=None, n_valid=None):
+    """hidden [N, H] and weight [V, H] row-contiguous; returns (lse, target_z, mean_z | None).
+
+    ``n_valid``: optional int64 [1] device tensor; row blocks starting at or past it are skipped
+    and their statistics are unspecified.
+    """
     N, H = hidden.shape
     V = weight.shape[0]
     block_n, block_v, block_h, num_warps = tiles
@@ -123,11 +134,13 @@ def logprobs_fwd(hidden, weight, targets, bias, *, inv_temperature, softcap, wit
     logprobs_fwd_kernel[(n_blocks, num_splits)](
         hidden, weight, bias if bias is not None else hidden, targets,
         part_max, part_sum, part_target, part_zsum,
+        n_valid if n_valid is not None else targets,
         N, V, H, hidden.stride(0), weight.stride(0), v_per_split,
         inv_temperature, softcap if softcap is not None else 1.0,
         HAS_BIAS=bias is not None,
         HAS_SOFTCAP=softcap is not None,
         WITH_ENTROPY=with_entropy,
+        HAS_COUNT=n_valid is not None,
         UPCAST=upcast,
         IEEE_DOT=hidden.dtype == torch.float32,
         BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h,

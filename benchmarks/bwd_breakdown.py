@@ -1,0 +1,208 @@
+"""Where the time of backend="triton" goes, part by part, next to one cuBLAS product (issue 8).
+
+    python benchmarks/bwd_breakdown.py --tokens 16384           # on a CUDA device, bf16
+    python benchmarks/bwd_breakdown.py --dry                     # CPU interpreter, tiny: checks the script
+
+Per shape (zephyr-7b H4096 V32000, qwen2.5-3b H2048 V151936), with ~40 % ignored rows and a random
+upstream gradient, CUDA-event medians after warm-up of:
+  gemm        one logits product hidden @ W^T (N x H x V): the unit of the four-GEMM floor
+  fwd         the fused forward kernel (online log-sum-exp over all N rows, no compaction)
+  dz          the workspace dZ kernel over all chunks (recompute + gradient + one store)
+  dh          the chunks' dHidden = G W products
+  dw          the chunks' dWeight += G^T h products (fp32 accumulation; autograd.WGRAD_PATH says how)
+  bwd_<variant>  the whole backward through autograd for each variant (workspace / atomic, with and
+              without compaction), and fwd_<variant> its forward
+with TFLOP/s where the part is a product. A part much slower than ``gemm`` is where a target of the
+issue is missed. Results: bwd_breakdown_<device>.json (with device, versions, date, commit).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+if "--dry" in sys.argv:
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+import torch  # noqa: E402
+
+from iris_kernels import autograd as A  # noqa: E402
+from iris_kernels import linear_logprobs  # noqa: E402
+from iris_kernels.ops.logits_grad import logits_grad  # noqa: E402
+from iris_kernels.ops.logprobs_fwd import logprobs_fwd  # noqa: E402
+from iris_kernels.tuning import AUTO, padded_vocab, workspace_rows  # noqa: E402
+
+SHAPES = {"zephyr-7b": (4096, 32000), "qwen2.5-3b": (2048, 151936)}
+VARIANTS = {
+    "ws-compact": dict(bwd="workspace", compact=True),
+    "ws-hostcount": dict(bwd="workspace", compact=True, host_count=True),
+    "ws-nocompact": dict(bwd="workspace", compact=False),
+    "atomic-compact": dict(bwd="atomic", compact=True),
+    "atomic-nocompact": dict(bwd="atomic", compact=False),
+}
+
+
+def timer(device, fn, warmup, repeats):
+    """Median milliseconds of fn() (CUDA events on a GPU, perf_counter on the CPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def run_shape(name, N, H, V, dtype, device, warmup, repeats):
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(N, H, generator=g).to(device=device, dtype=dtype)
+    weight = (torch.randn(V, H, generator=g) * (3.0 / H**0.5)).to(device=device, dtype=dtype)
+    targets = torch.randint(0, V, (N,), generator=g)
+    targets[torch.rand(N, generator=g) < 0.4] = -100
+    num_valid = int((targets != -100).sum())
+    targets = targets.to(device)
+    up = torch.randn(N, generator=g).to(device)
+    rec = dict(shape=name, N=N, H=H, V=V, dtype=str(dtype).replace("torch.", ""), num_valid=num_valid)
+    flop = 2.0 * N * H * V
+
+    def tflops(ms, f=flop):
+        return round(f / (ms * 1e-3) / 1e12, 1)
+
+    ms = timer(device, lambda: hidden @ weight.t(), warmup, repeats)
+    rec.update(gemm_ms=ms, gemm_tflops=tflops(ms))
+    tiles = A.tile_config(hidden, forward=True)
+    fwd_kw = dict(inv_temperature=1.0, softcap=None, with_entropy=False, upcast=A.interpreting(), tiles=tiles)
+    ms = timer(device, lambda: logprobs_fwd(hidden, weight, targets, None, **fwd_kw), warmup, repeats)
+    rec.update(fwd_ms=ms, fwd_tflops=tflops(ms))
+
+    # The workspace backward's parts, no compaction, chunk by chunk as autograd runs them.
+    gtiles = A.tile_config(hidden, forward=False, workspace=True)
+    C = workspace_rows(V, hidden.element_size(), AUTO["cuda"]["workspace_bytes"], N, multiple=gtiles[0])
+    ws = torch.empty((C, padded_vocab(V)), dtype=dtype, device=device)[:, :V]
+    lse = torch.logsumexp((hidden @ weight.t()).float(), -1) if N * V <= 1 << 31 else torch.cat(
+        [torch.logsumexp((hidden[i:i + 4096] @ weight.t()).float(), -1) for i in range(0, N, 4096)])
+    c_lp = torch.where(targets != -100, up, 0.0).contiguous()
+    chunks = [(s, min(s + C, N)) for s in range(0, N, C)]
+
+    def dz():
+        for s, e in chunks:
+            logits_grad(hidden[s:e], weight, targets[s:e], None, lse[s:e], None, c_lp[s:e], None, None,
+                        ws[: e - s], None, row0=s, n_valid=None, inv_temperature=1.0, softcap=None,
+                        temperature=1.0, upcast=A.interpreting(), tiles=gtiles)
+
+    dz()  # fills the workspace with real gradients for the products below
+    gh = torch.empty_like(hidden)
+
+    def dh():
+        for s, e in chunks:
+            torch.mm(ws[: e - s], weight, out=gh[s:e])
+
+    gw = torch.zeros(V, H, dtype=torch.float32, device=device)
+
+    def dw():
+        for s, e in chunks:
+            A._accumulate_wgrad(gw, ws[: e - s], hidden[s:e])
+
+    rec["chunk_rows"] = C
+    for part, fn in (("dz", dz), ("dh", dh), ("dw", dw)):
+        ms = timer(device, fn, warmup, repeats)
+        rec[f"{part}_ms"] = ms
+        rec[f"{part}_tflops"] = tflops(ms)
+    rec["wgrad_path"] = dict(A.WGRAD_PATH)
+
+    for vname, kw in VARIANTS.items():
+        kw = dict(kw)
+        nv = num_valid if kw.pop("host_count", False) else None
+        h = hidden.detach().clone().requires_grad_()
+        w = weight.detach().clone().requires_grad_()
+        box = {}
+
+        def fwd():
+            box["out"] = linear_logprobs(h, w, targets, backend="triton", num_valid=nv, **kw)
+
+        def bwd():
+            fwd_out = box.pop("out")
+            fwd_out.backward(up)
+
+        try:
+            # Fewer calls per variant than per part: five variants x two shapes within ~90 s.
+            rec[f"fwd_{vname}_ms"] = timer(device, fwd, 1, min(repeats, 3))
+            times = []
+            for i in range(1 + min(repeats, 3)):
+                fwd()
+                t = timer(device, bwd, 0, 1)
+                h.grad = w.grad = None
+                if i >= 1:
+                    times.append(t)
+            rec[f"bwd_{vname}_ms"] = statistics.median(times)
+        except Exception as e:  # noqa: BLE001 - one failing variant must not end the run
+            rec[f"error_{vname}"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1:] }"[:300]
+        del h, w, box
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rec
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tokens", type=int, default=16384)
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--dry", action="store_true", help="CPU interpreter at a tiny shape: checks the script only")
+    ap.add_argument("--output-dir", default=str(HERE / "results" / "gpu"))
+    args = ap.parse_args()
+    if args.dry:
+        device, dtype = torch.device("cpu"), torch.float32
+        shapes = {"dry": (96, 32, 300)}
+        args.warmup, args.repeats = 0, 1
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("bwd_breakdown.py needs a CUDA device (or --dry)")
+        device, dtype = torch.device("cuda"), torch.bfloat16
+        shapes = {s: (args.tokens,) + SHAPES[s] for s in args.shapes}
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
+    except OSError:
+        commit = ""
+    stamp = dict(
+        device=torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu (interpreter, dry run)",
+        torch=torch.__version__, triton=__import__("triton").__version__,
+        date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        git_commit=os.environ.get("GIT_COMMIT") or commit, auto=AUTO.get("cuda"),
+    )
+    records = []
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, (N, H, V) in shapes.items():
+        try:
+            rec = run_shape(name, N, H, V, dtype, device, args.warmup, args.repeats)
+        except Exception as e:  # noqa: BLE001 - recorded, the next shape still runs
+            rec = dict(shape=name, N=N, H=H, V=V, error=f"{type(e).__name__}: {e}"[:300])
+        rec.update(stamp)
+        records.append(rec)
+        print(json.dumps({k: v for k, v in rec.items() if k not in stamp}), flush=True)
+        (out / f"bwd_breakdown_{device.type}.json").write_text(json.dumps(records, indent=1))
+    print("device:", stamp["device"], "| commit:", stamp["git_commit"])
+
+
+if __name__ == "__main__":
+    main()

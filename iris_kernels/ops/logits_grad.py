@@ -1,0 +1,174 @@
+"""Workspace-backward kernel: recompute one chunk's logits and write d(loss)/d(raw logits) once.
+
+Grid = (row blocks of the chunk, vocabulary tiles). One program owns one [BLOCK_N, BLOCK_V] tile:
+it recomputes z (the third of the four matrix products, tensor-core ``tl.dot`` with fp32
+accumulation, bias / soft-cap / temperature as in the forward), forms the gradient with every
+chain factor in fp32, and stores it once, in the input dtype, into the chunk's [C, V] workspace.
+No atomics touch the workspace: each element has exactly one writer. The two remaining products
+(dHidden = G W and dWeight += G^T h) are cuBLAS calls made by the caller on the workspace.
+
+Gradient (per row k; c_lp, c_lse, c_ent the upstream gradients of log p(y), lse and the entropy
+H_k; p = exp(z - lse) from the saved lse; log p = z - lse):
+    d log p(y) / dz = onehot(y) - p
+    d lse / dz      = p
+    d H_k / dz      = -p (log p + H_k)
+        [H_k = -sum_j p_j log p_j; dH/dz_i = -sum_j (dp_j/dz_i)(log p_j + 1)
+         = -p_i (log p_i + 1) + p_i sum_j p_j (log p_j + 1) = -p_i (log p_i + H_k).
+         This equals -p (z - E_p[z]) exactly, but log p = z - lse and H are both O(1) where z and
+         E_p[z] share a large common offset, so nothing cancels.]
+    g_z = c_lp (onehot - p) + c_lse p - c_ent p (log p + H_k)
+    dz/dr = (1 - tanh^2(r / cap)) / tau, and tanh(r / cap) = z tau / cap (no tanh recomputed).
+The target-class entry (c_lp (1 - p) + ...) is formed in fp32 before the cast to the workspace
+dtype. Rows whose upstream gradients are all exactly zero (ignored rows, padding) and rows at or
+past the device-resident valid-row count write exact zeros: ``0 * NaN`` from a NaN hidden state
+never reaches the workspace. Programs whose whole row block lies past the count store a zero tile
+without recomputing anything.
+
+The bias gradient is the column sum of g in fp32 (before the cast), added with relaxed atomics into
+an fp32 [V] buffer: C / BLOCK_N partial sums per element, a few hundred kilobytes of traffic.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .logits_tile import logits_tile
+
+
+@triton.jit
+def logits_grad_kernel(
+    hidden_ptr,  # [rows, H] this chunk's hidden states, unit last-dim stride
+    weight_ptr,  # [V, H]
+    bias_ptr,
+    targets_ptr,  # int64 [rows]
+    lse_ptr,  # fp32 [rows]
+    entropy_ptr,  # fp32 [rows] H_k (read only with HAS_GRAD_ENTROPY)
+    grad_logp_ptr,  # fp32 [rows], already 0 at ignored / out-of-range rows
+    grad_lse_ptr,
+    grad_entropy_ptr,  # fp32 [rows], already 0 at ignored rows
+    n_valid_ptr,  # int64 [1]: rows >= n_valid (in the compacted order) are dead
+    ws_ptr,  # [rows, stride_ws] input dtype: the gradient workspace (written, never read)
+    grad_bias_ptr,  # fp32 [V], accumulated across chunks
+    row0,  # index of this chunk's first row in the (compacted) row order
+    rows,
+    V,
+    H,
+    stride_hn,
+    stride_wv,
+    stride_ws,
+    inv_temperature,
+    softcap,
+    softcap_scale,  # tau / cap
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_GRAD_LSE: tl.constexpr,
+    HAS_GRAD_ENTROPY: tl.constexpr,
+    HAS_COUNT: tl.constexpr,
+    NEED_GRAD_BIAS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE_DOT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    # int64 offsets: row * stride exceeds 2^31 for C*V or V*H beyond 2 Gi elements.
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    offs_v = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
+    n_mask = offs_n < rows
+    v_mask = offs_v < V
+    out_ty = ws_ptr.dtype.element_ty
+    # The store addresses: one 64-bit tile base plus int32 offsets within the tile (BLOCK_N rows
+    # of stride_ws < 2^31 / BLOCK_N elements), formed only at the store, so that no
+    # [BLOCK_N, BLOCK_V] tensor of 64-bit addresses sits next to the fp32 tile in registers.
+    ws_tile = ws_ptr + pid_n.to(tl.int64) * BLOCK_N * stride_ws + pid_v.to(tl.int64) * BLOCK_V
+
+    block_live = True
+    if HAS_COUNT:
+        n_valid = tl.load(n_valid_ptr)
+        block_live = row0 + pid_n.to(tl.int64) * BLOCK_N < n_valid
+        n_mask = n_mask & (row0 + offs_n < n_valid)
+    if block_live:
+        z = logits_tile(
+            hidden_ptr, weight_ptr, bias_ptr, offs_n, offs_v, n_mask, v_mask, H,
+            stride_hn, stride_wv, inv_temperature, softcap,
+            HAS_BIAS, HAS_SOFTCAP, UPCAST, IEEE_DOT, BLOCK_N, BLOCK_V, BLOCK_H,
+        )
+        lse = tl.load(lse_ptr + offs_n, mask=n_mask, other=0.0)
+        log_p = z - lse[:, None]
+        p = tl.exp(log_p)
+        c_lp = tl.load(grad_logp_ptr + offs_n, mask=n_mask, other=0.0)
+        tgt = tl.load(targets_ptr + offs_n, mask=n_mask, other=-1).to(tl.int64)
+        # The target's column within this tile as int32 (-1 when elsewhere): a 32-bit compare.
+        v_start = pid_v.to(tl.int64) * BLOCK_V
+        in_tile = (tgt >= v_start) & (tgt < v_start + BLOCK_V)
+        tgt_col = tl.where(in_tile, tgt - v_start, -1).to(tl.int32)
+        hit = tl.arange(0, BLOCK_V)[None, :] == tgt_col[:, None]
+        g = tl.where(hit, c_lp[:, None], 0.0) - c_lp[:, None] * p
+        live = n_mask & (c_lp != 0.0)
+        if HAS_GRAD_LSE:
+            c_lse = tl.load(grad_lse_ptr + offs_n, mask=n_mask, other=0.0)
+            g += c_lse[:, None] * p
+            live = live | (n_mask & (c_lse != 0.0))
+        if HAS_GRAD_ENTROPY:
+            c_ent = tl.load(grad_entropy_ptr + offs_n, mask=n_mask, other=0.0)
+            live = live | (n_mask & (c_ent != 0.0))
+            ent = tl.load(entropy_ptr + offs_n, mask=n_mask, other=0.0)
+            # p = 0 where z = -inf: that term is 0, not 0 * -inf = NaN.
+            g -= c_ent[:, None] * tl.where(p > 0.0, p * (log_p + ent[:, None]), 0.0)
+        if HAS_SOFTCAP:
+            t = z * softcap_scale
+            g = g * (1.0 - t * t)
+        g = g * inv_temperature
+        # Dead rows and padding columns of the tile must add exactly nothing.
+        g = tl.where(live[:, None] & v_mask[None, :], g, 0.0)
+        if NEED_GRAD_BIAS:
+            tl.atomic_add(grad_bias_ptr + offs_v, tl.sum(g, axis=0), mask=v_mask, sem="relaxed")
+        g = g.to(out_ty)
+    else:
+        # Past the valid rows: the cuBLAS products still read these workspace rows.
+        g = tl.zeros((BLOCK_N, BLOCK_V), dtype=out_ty)
+    tile_n = tl.arange(0, BLOCK_N)
+    tile_v = tl.arange(0, BLOCK_V)
+    store_mask = (pid_n * BLOCK_N + tile_n < rows)[:, None] & (pid_v * BLOCK_V + tile_v < V)[None, :]
+    tl.store(ws_tile + (tile_n[:, None] * stride_ws + tile_v[None, :]), g, mask=store_mask)
+
+
+def logits_grad(hidden, weight, targets, bias, lse, entropy, grad_logp, grad_lse, grad_entropy,
+                workspace, grad_bias, *, row0, n_valid, inv_temperature, softcap, temperature,
+                upcast, tiles):
+    """Fill ``workspace[:rows, :V]`` with d(loss)/d(raw logits) for one chunk.
+
+    hidden [rows, H] (unit last-dim stride), weight [V, H], per-row fp32 vectors of length rows,
+    ``workspace`` [rows, >= V] in the input dtype (unit last-dim stride), ``grad_bias`` fp32 [V]
+    or None, ``n_valid`` an int64 [1] device tensor or None (every row counts).
+    """
+    rows, H = hidden.shape
+    V = weight.shape[0]
+    block_n, block_v, block_h, num_warps = tiles
+    dummy = lse
+    grid = (triton.cdiv(rows, block_n), triton.cdiv(V, block_v))
+    logits_grad_kernel[grid](
+        hidden, weight, bias if bias is not None else hidden, targets, lse,
+        entropy if entropy is not None else dummy,
+        grad_logp,
+        grad_lse if grad_lse is not None else dummy,
+        grad_entropy if grad_entropy is not None else dummy,
+        n_valid if n_valid is not None else targets,
+        workspace,
+        grad_bias if grad_bias is not None else dummy,
+        row0, rows, V, H, hidden.stride(0), weight.stride(0), workspace.stride(0),
+        inv_temperature,
+        softcap if softcap is not None else 1.0,
+        temperature / softcap if softcap is not None else 1.0,
+        HAS_BIAS=bias is not None,
+        HAS_SOFTCAP=softcap is not None,
+        HAS_GRAD_LSE=grad_lse is not None,
+        HAS_GRAD_ENTROPY=grad_entropy is not None,
+        HAS_COUNT=n_valid is not None,
+        NEED_GRAD_BIAS=grad_bias is not None,
+        UPCAST=upcast,
+        IEEE_DOT=hidden.dtype == torch.float32,
+        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h,
+        num_warps=num_warps,
+    )
