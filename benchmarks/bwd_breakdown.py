@@ -104,7 +104,7 @@ def run_shape(name, N, H, V, dtype, device, warmup, repeats):
 
     def dz():
         for s, e in chunks:
-            logits_grad(hidden[s:e], weight, targets[s:e], None, lse[s:e], None, c_lp[s:e], None, None,
+            logits_grad(hidden[s:e], weight, targets[s:e], None, lse[s:e], None, None, c_lp[s:e], None, None,
                         ws[: e - s], None, row0=s, n_valid=None, inv_temperature=1.0, softcap=None,
                         temperature=1.0, upcast=A.interpreting(), tiles=gtiles)
 

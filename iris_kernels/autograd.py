@@ -2,7 +2,8 @@
 
 Forward: one launch of the log-sum-exp kernel (the logits never leave registers) and a merge of
 the per-split statistics; saves only hidden, weight, bias, targets and the fp32 lse (N floats),
-plus E_p[z] (N floats) when the entropy is asked for.
+plus lse_lo (N floats: the rounding error of the fp32 lse, so that log p stays exact at a large
+common logit offset) and the per-row entropy H (N floats) when the entropy is asked for.
 
 Backward, two variants (``LogprobsParams.bwd``):
   "workspace" (CUDA default, see tuning.py): per chunk of C rows, one Triton kernel
@@ -29,7 +30,8 @@ from .compaction import compact_order
 from .ops.logits_grad import logits_grad
 from .ops.logprobs_bwd import logprobs_bwd
 from .ops.logprobs_fwd import logprobs_fwd
-from .reference import entropy_from_stats, finalize_logprobs
+from .double_backward import no_double_backward
+from .reference import finalize_logprobs, masked_entropy
 from .tuning import padded_vocab, workspace_rows
 from .types import LogprobsParams
 
@@ -125,9 +127,10 @@ class TritonLinearLogprobs(torch.autograd.Function):
             h_run, t_run = hidden.index_select(0, rows), targets.index_select(0, rows)
         if h_run.shape[0] == 0:  # num_valid = 0: nothing to launch
             empty = torch.zeros(0, dtype=torch.float32, device=hidden.device)
-            lse, target_z, mean_z = empty, empty, empty if params.return_entropy else None
+            lse, target_z, lse_lo = empty, empty, empty
+            entropy_rows = empty if params.return_entropy else None
         else:
-            lse, target_z, mean_z = logprobs_fwd(
+            lse, target_z, entropy_rows, lse_lo = logprobs_fwd(
                 h_run, weight, t_run, bias,
                 inv_temperature=1.0 / params.temperature,
                 softcap=params.softcap,
@@ -135,6 +138,7 @@ class TritonLinearLogprobs(torch.autograd.Function):
                 upcast=upcast,
                 tiles=tile_config(hidden, forward=True),
                 n_valid=n_valid,
+                with_lse_lo=True,
             )
         del h_run
         if rows is not None:
@@ -145,20 +149,23 @@ class TritonLinearLogprobs(torch.autograd.Function):
                 # Rows past the count carry unspecified statistics: zero them before the scatter.
                 computed = torch.arange(N, device=hidden.device) < n_valid
                 lse, target_z = torch.where(computed, lse, 0.0), torch.where(computed, target_z, 0.0)
-                mean_z = None if mean_z is None else torch.where(computed, mean_z, 0.0)
-            lse, target_z, mean_z = scatter(lse), scatter(target_z), scatter(mean_z)
-        logp = finalize_logprobs(target_z - lse, targets, V, params.ignore_index)
+                lse_lo = torch.where(computed, lse_lo, 0.0)
+                entropy_rows = None if entropy_rows is None else torch.where(computed, entropy_rows, 0.0)
+            lse, target_z, lse_lo, entropy_rows = scatter(lse), scatter(target_z), scatter(lse_lo), scatter(entropy_rows)
+        # Two steps: lse + lse_lo would round back to lse (exact at a large logit offset).
+        logp = finalize_logprobs((target_z - lse) - lse_lo, targets, V, params.ignore_index)
         if params.return_entropy:
-            entropy = entropy_from_stats(lse, mean_z, targets, params.ignore_index)
+            entropy = masked_entropy(entropy_rows, targets, params.ignore_index)
         else:
             entropy = torch.empty(0, dtype=torch.float32, device=hidden.device)
         ctx.params = params
-        ctx.save_for_backward(hidden, weight, targets, bias, lse, mean_z)
+        ctx.save_for_backward(hidden, weight, targets, bias, lse, lse_lo, entropy_rows)
         return logp, lse, entropy
 
     @staticmethod
+    @no_double_backward("triton", supported_by="reference")
     def backward(ctx, grad_logp, grad_lse, grad_entropy):
-        hidden, weight, targets, bias, lse, mean_z = ctx.saved_tensors
+        hidden, weight, targets, bias, lse, lse_lo, entropy_rows = ctx.saved_tensors
         params: LogprobsParams = ctx.params
         need_h, need_w, _, need_b, _ = ctx.needs_input_grad
         need_b = need_b and bias is not None
@@ -174,10 +181,10 @@ class TritonLinearLogprobs(torch.autograd.Function):
             else:
                 rows, n_valid = perm, count
         if params.bwd == "atomic":
-            grads = _atomic_backward(hidden, weight, targets, bias, lse, mean_z, c_lp, c_lse, c_ent,
+            grads = _atomic_backward(hidden, weight, targets, bias, lse, lse_lo, entropy_rows, c_lp, c_lse, c_ent,
                                      rows, n_valid, need_h, need_w, need_b, params)
         else:
-            grads = _workspace_backward(hidden, weight, targets, bias, lse, mean_z, c_lp, c_lse, c_ent,
+            grads = _workspace_backward(hidden, weight, targets, bias, lse, lse_lo, entropy_rows, c_lp, c_lse, c_ent,
                                         rows, n_valid, need_h, need_w, need_b, params)
         grad_h, grad_w, grad_b = grads
         return (
@@ -193,7 +200,7 @@ def _gather(x, rows):
     return x if (x is None or rows is None) else x.index_select(0, rows)
 
 
-def _atomic_backward(hidden, weight, targets, bias, lse, mean_z, c_lp, c_lse, c_ent,
+def _atomic_backward(hidden, weight, targets, bias, lse, lse_lo, entropy_rows, c_lp, c_lse, c_ent,
                      rows, n_valid, need_h, need_w, need_b, params):
     if rows is not None and rows.shape[0] == 0:  # num_valid = 0: every gradient is zero
         f32 = dict(dtype=torch.float32, device=hidden.device)
@@ -202,7 +209,7 @@ def _atomic_backward(hidden, weight, targets, bias, lse, mean_z, c_lp, c_lse, c_
                 torch.zeros(weight.shape[0], **f32) if need_b else None)
     grad_h, grad_w, grad_b = logprobs_bwd(
         _gather(hidden, rows), weight, _gather(targets, rows), bias, _gather(lse, rows),
-        _gather(mean_z, rows), _gather(c_lp, rows), _gather(c_lse, rows), _gather(c_ent, rows),
+        _gather(entropy_rows, rows), _gather(c_lp, rows), _gather(c_lse, rows), _gather(c_ent, rows),
         need_hidden=need_h, need_weight=need_w, need_bias=need_b,
         inv_temperature=1.0 / params.temperature,
         softcap=params.softcap,
@@ -210,24 +217,25 @@ def _atomic_backward(hidden, weight, targets, bias, lse, mean_z, c_lp, c_lse, c_
         upcast=interpreting(),
         tiles=tile_config(hidden, forward=False),
         n_valid=n_valid,
+        lse_lo=_gather(lse_lo, rows),
     )
     if grad_h is not None and rows is not None:
         grad_h = torch.zeros(hidden.shape, dtype=grad_h.dtype, device=hidden.device).index_copy_(0, rows, grad_h)
     return grad_h, grad_w, grad_b
 
 
-def _workspace_backward(hidden, weight, targets, bias, lse, mean_z, c_lp, c_lse, c_ent,
+def _workspace_backward(hidden, weight, targets, bias, lse, lse_lo, entropy_rows, c_lp, c_lse, c_ent,
                         rows, n_valid, need_h, need_w, need_b, params):
     """Chunked dZ workspace + cuBLAS products; see the module docstring and ops/logits_grad.py."""
     N, H = hidden.shape
     V = weight.shape[0]
     M = N if rows is None else rows.shape[0]  # rows processed, in processing order
     # Per-row vectors in processing order (O(N) floats each).
-    t_run, lse_run = _gather(targets, rows), _gather(lse, rows)
+    t_run, lse_run, lse_lo_run = _gather(targets, rows), _gather(lse, rows), _gather(lse_lo, rows)
     c_lp, c_lse, c_ent = _gather(c_lp, rows), _gather(c_lse, rows), _gather(c_ent, rows)
-    # Entropy H = lse - E_p[z] from today's forward statistics; the kernel takes H itself so the
-    # entropy term -c_ent p (log p + H) does not cancel at large common offsets.
-    ent = None if c_ent is None else lse_run - _gather(mean_z, rows)
+    # The kernel takes the saved entropy H itself so that the entropy term -c_ent p (log p + H)
+    # does not cancel at large common offsets.
+    ent = None if c_ent is None else _gather(entropy_rows, rows)
     live = c_lp != 0
     if c_lse is not None:
         live |= c_lse != 0
@@ -257,7 +265,7 @@ def _workspace_backward(hidden, weight, targets, bias, lse, mean_z, c_lp, c_lse,
         h = hidden[sl] if idx is None else hidden.index_select(0, idx)
         g = workspace[: stop - start]
         logits_grad(
-            h, weight, t_run[sl], bias, lse_run[sl], None if ent is None else ent[sl],
+            h, weight, t_run[sl], bias, lse_run[sl], lse_lo_run[sl], None if ent is None else ent[sl],
             c_lp[sl], None if c_lse is None else c_lse[sl], None if c_ent is None else c_ent[sl],
             g if staging is None else staging[: stop - start], grad_b,
             row0=start, n_valid=n_valid,

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Tuple, Union
 
 import torch
-from torch.autograd.function import once_differentiable
 
+from .double_backward import no_double_backward
 from .distributed import (
     COUNT,
     DENOMINATOR,
@@ -195,17 +195,37 @@ class _TiltedRisk(torch.autograd.Function):
         return kappa, stats
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_kappa, _grad_stats):
+        if ctx.params.backend == "triton":
+            return _tilted_backward_triton(ctx, grad_kappa, _grad_stats)
         x, t, stats = ctx.saved_tensors
         p: _TiltedParams = ctx.params
-        # dL/dℓ_i = dL/dκ · softmax(t·ℓ)_i (the backward kernel's comment has the derivation).
-        if p.backend == "triton":
-            acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-            dx = _tilted_ops.tilted_risk_bwd(x, t, stats, grad_kappa.float(), p.grad_scale, acc)
-        else:
-            dx = _tilted_weights_torch(x, t, stats) * (grad_kappa.to(t.dtype) * p.grad_scale)
+        # dL/dℓ_i = dL/dκ · w_i, w = softmax(t·ℓ) (the backward kernel's comment has the
+        # derivation). Differentiable a second time (create_graph=True): w is evaluated from the
+        # detached statistics, so autograd would see a constant; instead it is multiplied by a
+        # factor that is exactly 1 in value and carries the derivative of the softmax,
+        #     w_i · e^(δ_i) / (1 + Σ_j w_j (e^(δ_j) − 1)),  δ = t·ℓ − detach(t·ℓ) (= 0),
+        # whose derivative at δ = 0 is ∂w_i/∂ℓ_k = t (w_i [i = k] − w_i w_k), the Hessian of κ_t
+        # (∂S/∂ℓ_k = t e_k for S = Σ e_j, with this rank's share e_k / S = w_k under global stats).
+        w = _tilted_weights_torch(x.detach(), t, stats)
+        if torch.is_grad_enabled() and x.requires_grad:
+            finite = torch.where(torch.isfinite(x), x, torch.zeros_like(x)).to(t.dtype)
+            delta = _tilt(finite, t) - _tilt(finite, t).detach()
+            # Non-finite weights (an infinite ℓ) keep their first-order value; they must not
+            # turn the (zero-valued) sum into NaN for every entry.
+            w_finite = torch.where(torch.isfinite(w), w, torch.zeros_like(w))
+            w = w * torch.exp(delta) / (1.0 + (w_finite * torch.expm1(delta)).sum())
+        dx = w * (grad_kappa.to(t.dtype) * p.grad_scale)
         return dx.to(x.dtype), None, None, None
+
+
+@no_double_backward("triton", supported_by="torch")
+def _tilted_backward_triton(ctx, grad_kappa, _grad_stats):
+    x, t, stats = ctx.saved_tensors
+    p: _TiltedParams = ctx.params
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dx = _tilted_ops.tilted_risk_bwd(x, t, stats, grad_kappa.float(), p.grad_scale, acc)
+    return dx.to(x.dtype), None, None, None
 
 
 def _as_t(name: str, t: Union[float, torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -242,7 +262,8 @@ def tilted_risk(losses: torch.Tensor, t: Union[float, torch.Tensor], *, backend:
 
     Returns a 0-dim fp32 tensor; its gradient is softmax(t·ℓ) (uniform 1/N at t = 0), in the
     dtype of ``losses``. The value is continuous through t = 0 (series near 0, see SERIES_EPS)
-    and accurate to fp32 rounding for every t (fp64 statistics).
+    and accurate to fp32 rounding for every t (fp64 statistics). Exactly twice-differentiable
+    on the torch backend; the triton backend raises a RuntimeError at the second differentiation.
     """
     if not isinstance(losses, torch.Tensor):
         raise TypeError(f"losses must be a torch.Tensor, got {type(losses).__name__}")
@@ -271,8 +292,10 @@ class _Ratio(torch.autograd.Function):
         return stats[NUMERATOR] / stats[DENOMINATOR]
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad):
+        # Exactly twice-differentiable as written: the value is linear in ℓ (D is a detached
+        # count), so the gradient is constant in ℓ and linear in ``grad``, which autograd records
+        # under create_graph=True.
         (stats,) = ctx.saved_tensors
         g = grad.to(stats.dtype) * ctx.grad_scale / stats[DENOMINATOR]
         return g.expand(ctx.shape).to(ctx.dtype), None, None

@@ -28,7 +28,7 @@ def fwd(dt, on):
     bn, bv, bh, nw = GPU_FWD_TILES
     sig = pointers(dt, ["hidden_ptr", "weight_ptr", "bias_ptr"])
     sig["targets_ptr"] = "*i64"
-    sig.update(pointers("fp32", ["part_max_ptr", "part_sum_ptr", "part_target_ptr", "part_zsum_ptr"]))
+    sig.update(pointers("fp32", ["part_max_ptr", "part_sum_ptr", "part_target_ptr", "part_tsum_ptr"]))
     sig["n_valid_ptr"] = "*i64"
     sig.update({n: "i32" for n in ["N", "V", "H", "stride_hn", "stride_wv", "v_per_split"]})
     sig.update({"inv_temperature": "fp32", "softcap": "fp32"})
@@ -40,12 +40,12 @@ def bwd(dt, on):
     bn, bv, bh, nw = GPU_BWD_TILES
     sig = pointers(dt, ["hidden_ptr", "weight_ptr", "bias_ptr"])
     sig["targets_ptr"] = "*i64"
-    sig.update(pointers("fp32", ["lse_ptr", "mean_z_ptr", "grad_logp_ptr", "grad_lse_ptr", "grad_entropy_ptr",
+    sig.update(pointers("fp32", ["lse_ptr", "lse_lo_ptr", "entropy_ptr", "grad_logp_ptr", "grad_lse_ptr", "grad_entropy_ptr",
                                  "grad_hidden_ptr", "grad_weight_ptr", "grad_bias_ptr"]))
     sig["n_valid_ptr"] = "*i64"
     sig.update({n: "i32" for n in ["N", "V", "H", "stride_hn", "stride_wv"]})
     sig.update({"inv_temperature": "fp32", "softcap": "fp32", "softcap_scale": "fp32"})
-    c = dict(HAS_BIAS=on, HAS_SOFTCAP=on, HAS_GRAD_LSE=on, HAS_GRAD_ENTROPY=on, NEED_GRAD_HIDDEN=True,
+    c = dict(HAS_BIAS=on, HAS_SOFTCAP=on, HAS_LSE_LO=True, HAS_GRAD_LSE=on, HAS_GRAD_ENTROPY=on, NEED_GRAD_HIDDEN=True,
              NEED_GRAD_WEIGHT=True, NEED_GRAD_BIAS=on, HAS_COUNT=on, UPCAST=False, IEEE_DOT=dt == "fp32",
              BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh)
     return logprobs_bwd_kernel, sig, c, nw
@@ -55,14 +55,14 @@ def grad(dt, on):
     bn, bv, bh, nw = GPU_GRAD_TILES_FP32 if dt == "fp32" else GPU_GRAD_TILES
     sig = pointers(dt, ["hidden_ptr", "weight_ptr", "bias_ptr"])
     sig["targets_ptr"] = "*i64"
-    sig.update(pointers("fp32", ["lse_ptr", "entropy_ptr", "grad_logp_ptr", "grad_lse_ptr", "grad_entropy_ptr"]))
+    sig.update(pointers("fp32", ["lse_ptr", "lse_lo_ptr", "entropy_ptr", "grad_logp_ptr", "grad_lse_ptr", "grad_entropy_ptr"]))
     sig["n_valid_ptr"] = "*i64"
     sig["ws_ptr"] = "*" + dt
     sig["grad_bias_ptr"] = "*fp32"
     sig["row0"] = "i64"
     sig.update({n: "i32" for n in ["rows", "V", "H", "stride_hn", "stride_wv", "stride_ws"]})
     sig.update({"inv_temperature": "fp32", "softcap": "fp32", "softcap_scale": "fp32"})
-    c = dict(HAS_BIAS=on, HAS_SOFTCAP=on, HAS_GRAD_LSE=on, HAS_GRAD_ENTROPY=on, HAS_COUNT=on,
+    c = dict(HAS_BIAS=on, HAS_SOFTCAP=on, HAS_LSE_LO=True, HAS_GRAD_LSE=on, HAS_GRAD_ENTROPY=on, HAS_COUNT=on,
              NEED_GRAD_BIAS=on, UPCAST=False, IEEE_DOT=dt == "fp32", BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh)
     return logits_grad_kernel, sig, c, nw
 

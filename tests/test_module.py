@@ -41,10 +41,10 @@ def composed_seq(hidden, weight, labels, *, backend, bias=None, temperature=1.0,
     """Per-row sums built from the per-token op by hand."""
     targets = shifted(labels)
     tok = linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature, backend=backend)
-    sums = tok.sum(-1)
+    sums = tok.double().sum(-1)  # sequence_logprobs sums in fp64 and rounds once
     if length_normalize:
         sums = sums / (targets != -100).sum(-1).clamp(min=1)
-    return sums
+    return sums.to(tok.dtype)
 
 
 def grads(loss, *tensors):

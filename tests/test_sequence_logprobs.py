@@ -111,7 +111,7 @@ def test_triton_vocabulary_splits_merge_exactly(num_splits, with_entropy):
     N, H, V = 19, 20, 300  # 3 tiles of 128 columns: splits of one, two and three tiles
     hidden, weight = torch.randn(N, H, generator=g), torch.randn(V, H, generator=g)
     targets = torch.randint(0, V, (N,), generator=g)
-    lse, target_z, mean_z = logprobs_fwd(
+    lse, target_z, entropy = logprobs_fwd(
         hidden, weight, targets, None, inv_temperature=1.0, softcap=None, with_entropy=with_entropy,
         upcast=True, tiles=(32, 128, 64, 4), num_splits=num_splits,
     )
@@ -119,6 +119,8 @@ def test_triton_vocabulary_splits_merge_exactly(num_splits, with_entropy):
     torch.testing.assert_close(lse.double(), torch.logsumexp(z, -1), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(target_z.double(), z.gather(1, targets[:, None]).squeeze(1), atol=1e-5, rtol=1e-5)
     if with_entropy:
-        torch.testing.assert_close(mean_z.double(), (torch.softmax(z, -1) * z).sum(-1), atol=1e-5, rtol=1e-5)
+        # The forward returns the entropy H itself (offset-safe), not E_p[z].
+        want = -(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(-1)
+        torch.testing.assert_close(entropy.double(), want, atol=1e-5, rtol=1e-5)
     else:
-        assert mean_z is None
+        assert entropy is None

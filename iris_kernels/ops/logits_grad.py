@@ -41,6 +41,7 @@ def logits_grad_kernel(
     bias_ptr,
     targets_ptr,  # int64 [rows]
     lse_ptr,  # fp32 [rows]
+    lse_lo_ptr,  # fp32 [rows]: rounding error of the fp32 lse (read with HAS_LSE_LO)
     entropy_ptr,  # fp32 [rows] H_k (read only with HAS_GRAD_ENTROPY)
     grad_logp_ptr,  # fp32 [rows], already 0 at ignored / out-of-range rows
     grad_lse_ptr,
@@ -60,6 +61,7 @@ def logits_grad_kernel(
     softcap_scale,  # tau / cap
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    HAS_LSE_LO: tl.constexpr,
     HAS_GRAD_LSE: tl.constexpr,
     HAS_GRAD_ENTROPY: tl.constexpr,
     HAS_COUNT: tl.constexpr,
@@ -96,6 +98,9 @@ def logits_grad_kernel(
         )
         lse = tl.load(lse_ptr + offs_n, mask=n_mask, other=0.0)
         log_p = z - lse[:, None]
+        if HAS_LSE_LO:
+            # Two steps: lse + lse_lo would round back to lse (log p exact at a large offset).
+            log_p = log_p - tl.load(lse_lo_ptr + offs_n, mask=n_mask, other=0.0)[:, None]
         p = tl.exp(log_p)
         c_lp = tl.load(grad_logp_ptr + offs_n, mask=n_mask, other=0.0)
         tgt = tl.load(targets_ptr + offs_n, mask=n_mask, other=-1).to(tl.int64)
@@ -134,14 +139,15 @@ def logits_grad_kernel(
     tl.store(ws_tile + (tile_n[:, None] * stride_ws + tile_v[None, :]), g, mask=store_mask)
 
 
-def logits_grad(hidden, weight, targets, bias, lse, entropy, grad_logp, grad_lse, grad_entropy,
+def logits_grad(hidden, weight, targets, bias, lse, lse_lo, entropy, grad_logp, grad_lse, grad_entropy,
                 workspace, grad_bias, *, row0, n_valid, inv_temperature, softcap, temperature,
                 upcast, tiles):
     """Fill ``workspace[:rows, :V]`` with d(loss)/d(raw logits) for one chunk.
 
     hidden [rows, H] (unit last-dim stride), weight [V, H], per-row fp32 vectors of length rows,
     ``workspace`` [rows, >= V] in the input dtype (unit last-dim stride), ``grad_bias`` fp32 [V]
-    or None, ``n_valid`` an int64 [1] device tensor or None (every row counts).
+    or None, ``n_valid`` an int64 [1] device tensor or None (every row counts), ``lse_lo`` the
+    rounding error of ``lse`` (ops/logprobs_fwd.py ``with_lse_lo``) or None.
     """
     rows, H = hidden.shape
     V = weight.shape[0]
@@ -150,6 +156,7 @@ def logits_grad(hidden, weight, targets, bias, lse, entropy, grad_logp, grad_lse
     grid = (triton.cdiv(rows, block_n), triton.cdiv(V, block_v))
     logits_grad_kernel[grid](
         hidden, weight, bias if bias is not None else hidden, targets, lse,
+        lse_lo if lse_lo is not None else dummy,
         entropy if entropy is not None else dummy,
         grad_logp,
         grad_lse if grad_lse is not None else dummy,
@@ -163,6 +170,7 @@ def logits_grad(hidden, weight, targets, bias, lse, entropy, grad_logp, grad_lse
         temperature / softcap if softcap is not None else 1.0,
         HAS_BIAS=bias is not None,
         HAS_SOFTCAP=softcap is not None,
+        HAS_LSE_LO=lse_lo is not None,
         HAS_GRAD_LSE=grad_lse is not None,
         HAS_GRAD_ENTROPY=grad_entropy is not None,
         HAS_COUNT=n_valid is not None,

@@ -12,9 +12,13 @@ needed, and the compiler can emit fire-and-forget reductions (red) instead of ac
 atomics that wait for their result. Summation order varies, so results are not bit-reproducible.
 
 Per row k with upstream gradients c_lp (log p of the target), c_lse and c_ent (entropy), and
-p = exp(z - lse) from the saved lse:
-    d logp/dz = onehot(y) - p;  d lse/dz = p;  d Hk/dz = -p (z - E_p[z])   (Hk = lse - E_p[z])
-    g_z = c_lp (onehot - p) + c_lse p - c_ent p (z - E_p[z])
+log p = (z - lse) - lse_lo, p = exp(log p) from the saved lse, its rounding error lse_lo (exact
+log p at a large common logit offset, see reference.split_lse) and the saved entropy Hk:
+    d logp/dz = onehot(y) - p;  d lse/dz = p;  d Hk/dz = -p (log p + Hk)
+    (Hk = -sum_j p_j log p_j; d(-p_j log p_j)/dz_i = -(1 + log p_j) p_j (delta_ij - p_i), summed
+    over j with sum_j p_j = 1.) It equals -p (z - E_p[z]), but z - E_p[z] cancels at a large
+    common logit offset; log p and Hk are both offset-free.
+    g_z = c_lp (onehot - p) + c_lse p - c_ent p (log p + Hk)
     dz/dr = (1 - tanh^2(r / cap)) / tau, and tanh(r / cap) = z tau / cap, so no tanh is recomputed.
 Ignored and out-of-range rows arrive with c_lp = 0 (the caller zeroes them).
 """
@@ -32,7 +36,8 @@ def logprobs_bwd_kernel(
     bias_ptr,
     targets_ptr,
     lse_ptr,
-    mean_z_ptr,
+    lse_lo_ptr,  # fp32 [N]: rounding error of the fp32 lse (read with HAS_LSE_LO)
+    entropy_ptr,  # fp32 [N]: the per-row entropy H saved by the forward
     grad_logp_ptr,
     grad_lse_ptr,
     grad_entropy_ptr,
@@ -50,6 +55,7 @@ def logprobs_bwd_kernel(
     softcap_scale,  # tau / cap
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    HAS_LSE_LO: tl.constexpr,
     HAS_GRAD_LSE: tl.constexpr,
     HAS_GRAD_ENTROPY: tl.constexpr,
     NEED_GRAD_HIDDEN: tl.constexpr,
@@ -82,7 +88,11 @@ def logprobs_bwd_kernel(
         HAS_BIAS, HAS_SOFTCAP, UPCAST, IEEE_DOT, BLOCK_N, BLOCK_V, BLOCK_H,
     )
     lse = tl.load(lse_ptr + offs_n, mask=n_mask, other=0.0)
-    p = tl.exp(z - lse[:, None])
+    log_p = z - lse[:, None]
+    if HAS_LSE_LO:
+        # Two steps: lse + lse_lo would round back to lse.
+        log_p = log_p - tl.load(lse_lo_ptr + offs_n, mask=n_mask, other=0.0)[:, None]
+    p = tl.exp(log_p)
     c_lp = tl.load(grad_logp_ptr + offs_n, mask=n_mask, other=0.0)
     tgt = tl.load(targets_ptr + offs_n, mask=n_mask, other=-1).to(tl.int64)
     hit = offs_v[None, :] == tgt[:, None]
@@ -98,9 +108,9 @@ def logprobs_bwd_kernel(
     if HAS_GRAD_ENTROPY:
         c_ent = tl.load(grad_entropy_ptr + offs_n, mask=n_mask, other=0.0)
         live = live | (c_ent != 0.0)
-        mean_z = tl.load(mean_z_ptr + offs_n, mask=n_mask, other=0.0)
+        ent = tl.load(entropy_ptr + offs_n, mask=n_mask, other=0.0)
         # p = 0 where z = -inf: that term is 0, not 0 * inf = NaN.
-        g -= c_ent[:, None] * tl.where(p > 0.0, p * (z - mean_z[:, None]), 0.0)
+        g -= c_ent[:, None] * tl.where(p > 0.0, p * (log_p + ent[:, None]), 0.0)
     if HAS_SOFTCAP:
         t = z * softcap_scale
         g = g * (1.0 - t * t)
@@ -157,11 +167,13 @@ def logprobs_bwd_kernel(
             )
 
 
-def logprobs_bwd(hidden, weight, targets, bias, lse, mean_z, grad_logp, grad_lse, grad_entropy,
+def logprobs_bwd(hidden, weight, targets, bias, lse, entropy, grad_logp, grad_lse, grad_entropy,
                  *, need_hidden, need_weight, need_bias, inv_temperature, softcap, temperature,
-                 upcast, tiles, n_valid=None):
+                 upcast, tiles, lse_lo=None, n_valid=None):
     """Returns fp32 (grad_hidden | None, grad_weight | None, grad_bias | None).
 
+    ``entropy`` is the fp32 [N] per-row entropy H from ``logprobs_fwd`` (None without an entropy
+    gradient); ``lse_lo`` the optional rounding error of ``lse`` (``with_lse_lo`` there).
     ``n_valid``: optional int64 [1] device tensor; rows at or past it add nothing.
     """
     N, H = hidden.shape
@@ -175,7 +187,8 @@ def logprobs_bwd(hidden, weight, targets, bias, lse, mean_z, grad_logp, grad_lse
     grid = (triton.cdiv(N, block_n), triton.cdiv(V, block_v))
     logprobs_bwd_kernel[grid](
         hidden, weight, bias if bias is not None else hidden, targets, lse,
-        mean_z if mean_z is not None else dummy,
+        lse_lo if lse_lo is not None else dummy,
+        entropy if entropy is not None else dummy,
         grad_logp,
         grad_lse if grad_lse is not None else dummy,
         grad_entropy if grad_entropy is not None else dummy,
@@ -189,6 +202,7 @@ def logprobs_bwd(hidden, weight, targets, bias, lse, mean_z, grad_logp, grad_lse
         temperature / softcap if softcap is not None else 1.0,
         HAS_BIAS=bias is not None,
         HAS_SOFTCAP=softcap is not None,
+        HAS_LSE_LO=lse_lo is not None,
         HAS_GRAD_LSE=grad_lse is not None,
         HAS_GRAD_ENTROPY=grad_entropy is not None,
         NEED_GRAD_HIDDEN=need_hidden,

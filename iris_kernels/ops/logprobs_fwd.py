@@ -3,8 +3,15 @@
 Grid = (token blocks, vocabulary splits). Each program walks its share of the vocabulary in
 BLOCK_V tiles, keeping a running max m and sum s = sum exp(z - m) per row (the online
 log-sum-exp), the target's logit when the target falls in its share, and, for the entropy,
-t = sum exp(z - m) * z. The splits' partial statistics (a few floats per token) are merged by
-``merge_partials``; the [N, V] logits exist only one tile at a time, in registers.
+t = sum exp(z - m) * (z - m), a sum over logits shifted by the same running max. The splits'
+partial statistics (a few floats per token) are merged by ``merge_partials`` into lse and the
+entropy H = log S - T / S (S, T merged at a common shift), which never subtracts two numbers of
+the size of a common logit offset (lse - E_p[z] would: 4e-3 nat lost at an offset of 2e4).
+The [N, V] logits exist only one tile at a time, in registers.
+
+Online update of t when the running max moves from m to m' (m' >= m): every earlier term
+e^(z-m) (z-m) becomes e^(z-m') (z-m') = e^(m-m') [e^(z-m) (z-m) + e^(z-m) (m-m')], so
+t' = e^(m-m') (t + (m-m') s) + sum_tile e^(z-m') (z-m').
 """
 import functools
 
@@ -12,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference import entropy_from_shifted_sums, split_lse
 from .logits_tile import logits_tile
 
 
@@ -24,7 +32,7 @@ def logprobs_fwd_kernel(
     part_max_ptr,  # [SPLITS, N] fp32
     part_sum_ptr,
     part_target_ptr,
-    part_zsum_ptr,
+    part_tsum_ptr,  # sum exp(z - m) (z - m), with the entropy
     n_valid_ptr,  # int64 [1]: rows >= n_valid (compacted order) are skipped (HAS_COUNT)
     N,
     V,
@@ -54,7 +62,7 @@ def logprobs_fwd_kernel(
 
     run_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     run_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    run_zsum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    run_tsum = tl.zeros((BLOCK_N,), dtype=tl.float32)
     target_z = tl.zeros((BLOCK_N,), dtype=tl.float32)
 
     v_begin = pid_s.to(tl.int64) * v_per_split
@@ -79,11 +87,14 @@ def logprobs_fwd_kernel(
         # still makes the sum NaN, which flows into lse and the log-prob (NaN in, NaN out).
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)
         rescale = tl.exp(run_max - shift)
-        p = tl.exp(z - shift[:, None])
-        run_sum = run_sum * rescale + tl.sum(p, axis=1)
+        zs = z - shift[:, None]
+        p = tl.exp(zs)
         if WITH_ENTROPY:
-            # p * z with p = 0 and z = -inf is NaN; such terms contribute exactly 0 to E_p[z].
-            run_zsum = run_zsum * rescale + tl.sum(tl.where(p > 0.0, p * z, 0.0), axis=1)
+            # Before any finite logit, s = t = 0 and m - m' is -inf or NaN: the move adds 0.
+            moved = tl.where(run_sum > 0.0, (run_max - shift) * run_sum, 0.0)
+            # p * (z - m') with p = 0 and z = -inf is NaN; such terms contribute exactly 0.
+            run_tsum = (run_tsum + moved) * rescale + tl.sum(tl.where(p > 0.0, p * zs, 0.0), axis=1)
+        run_sum = run_sum * rescale + tl.sum(p, axis=1)
         run_max = new_max
         hit = offs_v[None, :] == tgt[:, None]
         target_z += tl.sum(tl.where(hit, z, 0.0), axis=1)
@@ -93,26 +104,39 @@ def logprobs_fwd_kernel(
     tl.store(part_sum_ptr + out, run_sum, mask=n_mask)
     tl.store(part_target_ptr + out, target_z, mask=n_mask)
     if WITH_ENTROPY:
-        tl.store(part_zsum_ptr + out, run_zsum, mask=n_mask)
+        tl.store(part_tsum_ptr + out, run_tsum, mask=n_mask)
 
 
-def merge_partials(part_max, part_sum, part_target, part_zsum):
-    """Combine the vocabulary splits: lse = M + log sum_s s_s e^(m_s - M); E_p[z] likewise."""
+def merge_partials(part_max, part_sum, part_target, part_tsum, *, with_lse_lo=False):
+    """Combine the vocabulary splits at the common shift M = max_s m_s.
+
+    lse = M + log S with S = sum_s s_s e^(m_s - M); T = sum_s e^(m_s - M) (t_s + (m_s - M) s_s)
+    (the online update above, applied once per split); entropy H = log S - T / S.
+    Returns (lse, target_z, H | None), plus lse_lo (``split_lse``) when ``with_lse_lo``.
+    """
     top = part_max.max(dim=0).values
     # A row whose logits are all -inf has top = -inf; shift by 0 there (lse = log 0 = -inf).
     top = torch.where(torch.isneginf(top), torch.zeros_like(top), top)
-    scale = torch.exp(part_max - top)
+    delta = part_max - top
+    scale = torch.exp(delta)
     total = (part_sum * scale).sum(0)
-    lse = top + torch.log(total)
+    lse, lse_lo = split_lse(top, torch.log(total))
     target_z = part_target.sum(0)
-    mean_z = None if part_zsum is None else (part_zsum * scale).sum(0) / total
-    return lse, target_z, mean_z
+    entropy = None
+    if part_tsum is not None:
+        # A split that saw only -inf logits has s = t = 0 and delta = -inf: it adds 0, not NaN.
+        moved = torch.where(part_sum > 0, delta * part_sum, torch.zeros_like(part_sum))
+        tsum = ((part_tsum + moved) * scale).sum(0)
+        entropy = entropy_from_shifted_sums(total, tsum)
+    return (lse, target_z, entropy, lse_lo) if with_lse_lo else (lse, target_z, entropy)
 
 
 def logprobs_fwd(hidden, weight, targets, bias, *, inv_temperature, softcap, with_entropy,
-                 upcast, tiles, num_splits=None, n_valid=None):
-    """hidden [N, H] and weight [V, H] row-contiguous; returns (lse, target_z, mean_z | None).
+                 upcast, tiles, num_splits=None, with_lse_lo=False, n_valid=None):
+    """hidden [N, H] and weight [V, H] row-contiguous; returns fp32 [N] (lse, target_z, H | None).
 
+    H is the per-row entropy of softmax(z) (unmasked: ignored rows are not zeroed here). With
+    ``with_lse_lo`` also returns lse_lo, the rounding error of the fp32 lse (``split_lse``).
     ``n_valid``: optional int64 [1] device tensor; row blocks starting at or past it are skipped
     and their statistics are unspecified.
     """
@@ -130,10 +154,10 @@ def logprobs_fwd(hidden, weight, targets, bias, *, inv_temperature, softcap, wit
     part_max = torch.empty((num_splits, N), **f32)
     part_sum = torch.empty((num_splits, N), **f32)
     part_target = torch.empty((num_splits, N), **f32)
-    part_zsum = torch.empty((num_splits, N), **f32) if with_entropy else part_sum
+    part_tsum = torch.empty((num_splits, N), **f32) if with_entropy else part_sum
     logprobs_fwd_kernel[(n_blocks, num_splits)](
         hidden, weight, bias if bias is not None else hidden, targets,
-        part_max, part_sum, part_target, part_zsum,
+        part_max, part_sum, part_target, part_tsum,
         n_valid if n_valid is not None else targets,
         N, V, H, hidden.stride(0), weight.stride(0), v_per_split,
         inv_temperature, softcap if softcap is not None else 1.0,
@@ -146,7 +170,8 @@ def logprobs_fwd(hidden, weight, targets, bias, *, inv_temperature, softcap, wit
         BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h,
         num_warps=num_warps,
     )
-    return merge_partials(part_max, part_sum, part_target, part_zsum if with_entropy else None)
+    return merge_partials(part_max, part_sum, part_target, part_tsum if with_entropy else None,
+                          with_lse_lo=with_lse_lo)
 
 
 @functools.lru_cache(maxsize=None)
