@@ -47,7 +47,7 @@ PARAM_FIELDS = ("ignore_index", "temperature", "softcap", "return_entropy", "chu
 # the accumulation dtype; True marks one that exists only with return_entropy (None otherwise).
 # The fake implementation builds its outputs from this; opcheck in the tests compares it with
 # the real forward, so a change of the Functions' saved tensors fails there, not silently.
-SAVED_EXTRAS = {"triton": (True,), "torch": (True,)}
+SAVED_EXTRAS = {"triton": (False, True), "torch": (False, True)}  # lse_lo, per-row entropy H
 
 
 class _Ctx:
