@@ -7,6 +7,7 @@ venv:
 	@bash scripts/ensure_venv.sh
 
 ## make bench: the main job, the loss benchmark on this machine's default device and shapes
+## (writes a new, git-ignored benchmarks/runs/<UTC time>/; ARGS="--output-dir benchmarks/results" replaces the record)
 bench: venv
 	$(PY) benchmarks/bench_loss.py $(ARGS)
 

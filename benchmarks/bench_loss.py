@@ -2,6 +2,7 @@
 
     python benchmarks/bench_loss.py                 # default device, shapes that fit it
     python benchmarks/bench_loss.py --quick         # a smoke run (well under a minute on CPU)
+    python benchmarks/bench_loss.py --output-dir benchmarks/results   # replace the committed record
     python benchmarks/bench_loss.py --device cuda --shapes zephyr-7b qwen2.5-3b --tokens 16384 --dtype bf16
 
 Two workloads, every provider on the same inputs (see providers.py):
@@ -15,9 +16,11 @@ Per row: forward, backward and total time (median and p20/p80 over the repeats a
 events on GPU), peak memory (CUDA: max_memory_allocated above the inputs; CPU: each provider in
 its own process, high-water RSS above the RSS just before the call), the largest absolute error
 of the output and both gradients against an fp64 reference, and the ratio to the best peer (and,
-where the "floor" provider ran, to four plain GEMMs: iris-math section 7). Results: a table on
-stdout, bench_loss_<device>.json (a list of records) and .csv, and PNG plots of time and memory
-against N, in --output-dir.
+where the "floor" provider ran, to four plain GEMMs: docs/math.md#floor). Results: a table on
+stdout (with the machine's load average), bench_loss_<device>.json (a list of records) and .csv,
+the table as text, and PNG plots of time and memory against N, in --output-dir. By default that
+is a new, git-ignored run folder benchmarks/runs/<UTC time>/, so that no run overwrites the
+committed reference results in benchmarks/results/ unless asked to (--output-dir).
 """
 from __future__ import annotations
 
@@ -59,8 +62,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 WORKLOADS = ("logprobs", "selfplay")
 WORKLOAD_ALIASES = {"a": "logprobs", "b": "selfplay"}
 
-# CPU default: the targets' shape (issues 2 and 4) and a smaller N for the time/memory-vs-N plots.
-CPU_DEFAULT_SHAPES = ["1024,512,32000", "8192,512,32000"]
+# CPU default: the targets' shape (N 8192, issues 2 and 4) and two smaller N, so that the
+# time/memory-vs-N plots have three points per line; ~6-7 min on 2 otherwise idle cores.
+CPU_DEFAULT_SHAPES = ["1024,512,32000", "4096,512,32000", "8192,512,32000"]
 CPU_QUICK_SHAPES = ["1024,128,4000"]
 # Tiny enough for the Triton interpreter (its cost grows with programs x loop steps, not FLOPs);
 # V is deliberately not a multiple of any block size.
@@ -174,7 +178,7 @@ def make_case(shape: Shape, dtype: torch.dtype, device: torch.device, seed: int)
 
 
 def iris_fp64(s: torch.Tensor, s_ref: torch.Tensor, is_real: torch.Tensor, alpha: float, beta: float):
-    """L = kappa_{1-alpha}(-g over R) + kappa_alpha(g over S), g = beta (s - s_ref) (iris-math s.3).
+    """L = kappa_{1-alpha}(-g over R) + kappa_alpha(g over S), g = beta (s - s_ref) (docs/math.md#objective).
 
     Written from the formula, independently of iris_kernels.losses, as the oracle of the IRIS rows.
     kappa_t(l) = (logsumexp(t l) - log n) / t, and the mean at t = 0.
@@ -621,7 +625,7 @@ def fill_measurement(rec: dict, res: dict, ref: Optional[dict], shape: Shape, re
     if rec["provider"] == "liger-dpo":
         notes.append("SPIN/DPO loss (ref log-probs 0: no reference pass), checked against fp64 SPIN")
     if prov.family == "floor":
-        notes.append("four [NxH].[HxV] GEMMs (iris-math s.7), not a loss")
+        notes.append("four torch.mm of [NxH].[HxV] (docs/math.md#floor), not a loss")
     if rec["objective"] == P.OBJECTIVE_IRIS and prov.family == "peer":
         notes.append("IRIS composed on its per-token output")
     if rec["objective"] == P.OBJECTIVE_IRIS and prov.family == "library":
@@ -680,8 +684,10 @@ def format_table(records: List[dict]) -> str:
     for (wl, N, H, V, dt, dev), rows in groups.items():
         r0 = rows[0]
         lines.append("")
+        loads = [r["load_avg"] for r in rows if r["load_avg"] is not None]
+        load = "" if not loads else f", load avg {min(loads):.1f}-{max(loads):.1f}"
         lines.append(
-            f"== {wl}: N={N} (B={r0['B']} x T={r0['T']}) H={H} V={V} {dt} on {dev} ({r0['device_name']}) =="
+            f"== {wl}: N={N} (B={r0['B']} x T={r0['T']}) H={H} V={V} {dt} on {dev} ({r0['device_name']}{load}) =="
         )
         lines.append(head)
         skipped = []
@@ -725,6 +731,25 @@ def write_outputs(records: List[dict], out_dir: Path, tag: str, plots: bool = Tr
     return [json_path, csv_path] + (plot(records, out_dir, tag) if plots else [])
 
 
+# 20 distinct colours: tab10, then the lighter halves of tab20.
+_PALETTE = [
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+    "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#c7c7c7",
+    "#dbdb8d", "#9edae5",
+]
+
+
+def provider_colour(name: str) -> str:
+    """One colour per provider, the same in every figure of every run: taken from the provider's
+    position in the registry (not from the order a figure happens to draw its lines in); the
+    floor is always black."""
+    if name == "floor":
+        return "#000000"
+    names = [n for n in P.PROVIDERS if n != "floor"]
+    i = names.index(name) if name in names else sum(map(ord, name))
+    return _PALETTE[i % len(_PALETTE)]
+
+
 def plot(records: List[dict], out_dir: Path, tag: str) -> List[Path]:
     try:
         import matplotlib
@@ -747,13 +772,17 @@ def plot(records: List[dict], out_dir: Path, tag: str) -> List[Path]:
             ns = [p[0] for p in pts]
             style = "--" if name == "floor" else "-"
             lw = 2.5 if P.get(name).family == "library" else 1.3
+            colour = provider_colour(name)
             ax_t.errorbar(
                 ns, [p[1] for p in pts], yerr=[[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]],
-                marker="o", ls=style, lw=lw, capsize=3, label=name,
+                marker="o", ls=style, lw=lw, capsize=3, label=name, color=colour,
             )
             mem = [(n, p[4]) for n, p in zip(ns, pts) if p[4] and p[4] > 0]  # log axis: drop 0 MB
             if name != "floor" and mem:
-                ax_m.plot([m[0] for m in mem], [m[1] for m in mem], marker="o", ls=style, lw=lw, label=name)
+                ax_m.plot([m[0] for m in mem], [m[1] for m in mem], marker="o", ls=style, lw=lw, label=name,
+                          color=colour)
+        ax_t.set_title("time (lower is better)", fontsize=9)
+        ax_m.set_title("peak memory (lower is better)", fontsize=9)
         for ax, ylabel in ((ax_t, "fwd+bwd time, ms (median, p20-p80)"), (ax_m, "peak memory above inputs, MB")):
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
@@ -762,7 +791,9 @@ def plot(records: List[dict], out_dir: Path, tag: str) -> List[Path]:
             ax.grid(True, which="both", alpha=0.3)
         ax_t.legend(fontsize=8)
         ax_m.legend(fontsize=8)
-        fig.suptitle(f"{wl}: H={H} V={V} {dt} on {rows[0]['device_name']}", fontsize=10)
+        loads = [r["load_avg"] for r in rows if r["load_avg"] is not None]
+        load = f", load avg {min(loads):.1f}-{max(loads):.1f}" if loads else ""
+        fig.suptitle(f"{wl}: H={H} V={V} {dt} on {rows[0]['device_name']}{load}", fontsize=10)
         fig.tight_layout()
         path = out_dir / f"bench_loss_{tag}_{wl}_H{H}_V{V}_{dt}.png"
         fig.savefig(path, dpi=110)
@@ -782,10 +813,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--quick", action="store_true", help="small shapes, 2 repeats: a smoke run")
     ap.add_argument("--shapes", nargs="+", help=f"named ({', '.join(NAMED_SHAPES)}) or N,H,V")
     ap.add_argument("--tokens", nargs="+", type=int, help="N for named shapes (default: 16384 on CUDA, 8192 on CPU)")
-    ap.add_argument("--providers", help=f"comma-separated subset of: {', '.join(P.PROVIDERS)} (default: all; floor on CUDA)")
+    ap.add_argument("--providers", help=f"comma-separated subset of: {', '.join(P.PROVIDERS)} (default: all)")
     ap.add_argument("--dtype", choices=list(DTYPES), help="default fp32 on CPU, bf16 on CUDA")
     ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), help="logprobs (a) and/or selfplay (b)")
-    ap.add_argument("--output-dir", default=str(HERE / "results"))
+    ap.add_argument(
+        "--output-dir",
+        help="where the JSON, CSV, table and plots go (default: a new run folder benchmarks/runs/<UTC time>/, "
+        "git-ignored; pass benchmarks/results to replace the committed reference results)",
+    )
     ap.add_argument("--repeats", type=int, help="timed calls per row (default 3 on CPU, 20 on CUDA; --quick 2)")
     ap.add_argument("--warmup", type=int, help="untimed calls before the memory call (default 1 on CPU, 3 on CUDA; torch.compile rows always get >= 1)")
     ap.add_argument("--interpreter-shape", help=f"N,H,V of the Triton-interpreter rows on CPU (default {INTERPRETER_SHAPE})")
@@ -835,7 +870,7 @@ def resolve_args(args) -> None:
             if n not in P.PROVIDERS:
                 raise SystemExit(f"--providers: unknown {n!r}; choose from {', '.join(P.PROVIDERS)}")
     else:
-        names = [n for n in P.PROVIDERS if n != "floor" or not cpu]
+        names = list(P.PROVIDERS)
     args.provider_names = names
     if args.isolate == "auto":
         args.isolate = "process" if cpu else "none"
@@ -896,7 +931,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": git_commit(),
     }
-    out_dir, tag = Path(args.output_dir), device.type
+    out_dir, tag = Path(args.output_dir) if args.output_dir else default_output_dir(), device.type
+    load_start = load_average()
+    print(f"bench_loss: writing to {out_dir}", file=sys.stderr, flush=True)
     jobs = []
     for shape in shapes:
         names = triton_names if shape.interpreter else args.provider_names
@@ -963,14 +1000,51 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     order = {n: i for i, n in enumerate(args.provider_names)}
     records.sort(key=lambda r: (r["shape"] == "interpreter", r["N"], r["H"], r["V"], WORKLOADS.index(r["workload"]), order[r["provider"]]))
     add_ratios(records)
-    table = format_table(records)
+    elapsed = time.monotonic() - t_start
+    header = run_header(stamp, load_start, load_average(), elapsed, os.cpu_count())
+    table = header + "\n" + format_table(records)
     print(table)
     paths = write_outputs(records, out_dir, tag)
     table_path = out_dir / f"bench_loss_{tag}_table.txt"
     table_path.write_text(table.lstrip("\n") + "\n")
     paths.append(table_path)
-    print("\nwrote " + ", ".join(str(p) for p in paths))
+    print(f"\nwrote to {out_dir}/: " + ", ".join(p.name for p in paths))
     return records
+
+
+def default_output_dir() -> Path:
+    """A new run folder per run: benchmarks/runs/ is git-ignored (.gitignore: runs/), so a default
+    or --quick run never replaces the committed reference in benchmarks/results/."""
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    out = HERE / "runs" / stamp
+    i = 1
+    while out.exists():  # two runs started in the same second
+        out = HERE / "runs" / f"{stamp}-{i}"
+        i += 1
+    return out
+
+
+def load_average() -> Optional[Tuple[float, float, float]]:
+    return tuple(round(x, 2) for x in os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
+def run_header(stamp: dict, load_start, load_end, elapsed_s: float, cores: Optional[int]) -> str:
+    """Machine, load and run time above the tables: time ratios move with the load, so a table is
+    only readable next to it. A load average above the core count means other processes competed
+    for the cores during the run (the benchmark itself accounts for about one per thread)."""
+
+    def fmt(load):
+        return "n/a" if load is None else " / ".join(f"{x:.2f}" for x in load)
+
+    busy = ""
+    if load_end is not None and cores and max(load_start[0], load_end[0]) > 1.25 * cores:
+        busy = f"  (above the {cores} cores: other processes shared the machine; time ratios are noisy)"
+    m, sec = divmod(int(round(elapsed_s)), 60)
+    return (
+        f"machine: {stamp['device_name']}; commit {stamp['git_commit']}; {stamp['date']}\n"
+        f"load average (1/5/15 min): {fmt(load_start)} at start, {fmt(load_end)} at end{busy}\n"
+        f"whole run: {m} min {sec:02d} s"
+    )
 
 
 if __name__ == "__main__":

@@ -406,15 +406,16 @@ class CutCrossEntropyExact(CutCrossEntropy):
 
 
 # --------------------------------------------------------------------------------------------
-# The floor: iris-math section 7, four [N x H] . [H x V] products
+# The floor: docs/math.md#floor, four [N x H] . [H x V] products
 # --------------------------------------------------------------------------------------------
 
 
 class Floor(Provider):
-    """Four GEMMs of the op's size, no softmax, no loss: the least work any exact method does.
+    """Four torch.mm of the op's size, no softmax, no loss: the least work any exact method does.
 
     forward = logits = h W^T; backward = recompute h W^T, dh = G W, dW = G^T h (G a logits-shaped
     matrix). An implementation that stores the logits needs three; one that does not needs four.
+    Runs on every device (cuBLAS on CUDA, oneDNN/MKL on CPU), so each table has its own floor.
     """
 
     name = "floor"
@@ -426,14 +427,14 @@ class Floor(Provider):
     def forward(self, case, workload):
         hidden, _ = case.flat()
         with torch.no_grad():
-            return hidden @ case.weight.t()
+            return torch.mm(hidden, case.weight.t())
 
     def backward(self, out, case, workload):
         hidden, _ = case.flat()
         with torch.no_grad():
-            g = hidden @ case.weight.t()
-            g @ case.weight
-            g.t() @ hidden
+            g = torch.mm(hidden, case.weight.t())
+            torch.mm(g, case.weight)
+            torch.mm(g.t(), hidden)
         del out
 
 

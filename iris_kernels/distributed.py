@@ -1,4 +1,4 @@
-"""Normalisation scope of the sequence-level losses: ``micro`` | ``rank`` | ``global`` (iris-math §6).
+"""Normalisation scope of the sequence-level losses: ``micro`` | ``rank`` | ``global`` (docs/math.md#normalisation-scopes).
 
 The IRIS loss couples every sequence of a batch through two softmax normalisers, and the baselines
 through their means. Which batch those normalisers run over is the *scope*:

@@ -1,4 +1,4 @@
-"""Sequence-level self-play losses on per-sequence summed log-probs (iris-math §2, §3, §5, §6).
+"""Sequence-level self-play losses on per-sequence summed log-probs (docs/math.md: #tilted-risk, #objective, #baselines, #normalisation-scopes).
 
 Every loss takes the same four tensors — the policy's and the frozen reference's summed log-probs
 of the annotated ("real", [n]) and synthetic ([m]) responses — and returns a 0-dim fp32 loss:
@@ -444,7 +444,7 @@ def _detached(metrics: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 
 
 # =============================================================================================
-# IRIS (iris-math §3)
+# IRIS (docs/math.md#objective)
 # =============================================================================================
 def _iris_terms(policy_real, policy_syn, ref_real, ref_syn, *, alpha, beta: float = 1.0):
     _check_inputs(policy_real, policy_syn, ref_real, ref_syn)
@@ -463,8 +463,8 @@ def _iris_terms(policy_real, policy_syn, ref_real, ref_syn, *, alpha, beta: floa
     g_real = _log_ratio(policy_real, ref_real, beta)
     g_syn = _log_ratio(policy_syn, ref_syn, beta)
     # L = κ_{1−α}(−g_R) + κ_α(g_S). Gradient: ∂L/∂g_R = −softmax((1−α)·(−g_R)) = −softmax((α−1)·g_R)
-    # and ∂L/∂g_S = softmax(α·g_S), the weights of iris-math §3, via the κ backward. At α = 0 and
-    # α = 1 one tilt is exactly 0 and κ_0 is the mean: the limits of the §3 table, with no branch.
+    # and ∂L/∂g_S = softmax(α·g_S), the weights of docs/math.md#gradient, via the κ backward. At α = 0 and
+    # α = 1 one tilt is exactly 0 and κ_0 is the mean: the docs/math.md#limits table, with no branch.
     terms = {
         "real": _Term(TILTED, -g_real, t=1.0 - alpha_t),
         "syn": _Term(TILTED, g_syn, t=alpha_t),
@@ -501,7 +501,7 @@ def iris_loss(
 ):
     """IRIS loss L = κ_{1−α}(−g over real) + κ_α(g over synthetic), g = β·(s_θ − s_ref).
 
-    Equals −J_α, the negated Rényi variational bound of iris-math §3:
+    Equals −J_α, the negated Rényi variational bound of docs/math.md#objective:
         L = 1/(1−α)·log E_R[e^{−(1−α)g}] + 1/α·log E_S[e^{αg}],
     with the exact limits at α = 0 (log E_R e^{−g} + E_S g) and α = 1 (−E_R g + log E_S e^{g},
     Donsker–Varadhan), continuous in α through both. Its gradient is
@@ -537,7 +537,7 @@ def iris_loss(
 
 
 # =============================================================================================
-# Baselines (iris-math §5)
+# Baselines (docs/math.md#baselines)
 # =============================================================================================
 _PAIR_VARIANTS = ("sigmoid", "hinge")
 
@@ -669,7 +669,7 @@ def space_loss(
     stats: Optional[StepStats] = None,
     backend: str = "auto",
 ):
-    """SPACE-style noise-contrastive loss with μ noise samples per data sample (iris-math §5):
+    """SPACE-style noise-contrastive loss with μ noise samples per data sample (docs/math.md#baselines):
 
         L = −mean_R log σ(r − log μ) − μ·mean_S log σ(log μ − r),   r = β·(s_θ − s_ref).
 
@@ -710,7 +710,7 @@ def chi2_loss(
     stats: Optional[StepStats] = None,
     backend: str = "auto",
 ):
-    """χ² (SPIF-style) loss, the Pearson-χ² variational form (iris-math §5):
+    """χ² (SPIF-style) loss, the Pearson-χ² variational form (docs/math.md#baselines):
 
         L = −mean_R h + mean_S (h + h²/4),   h = β·(s_θ − s_ref).
 

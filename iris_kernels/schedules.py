@@ -1,4 +1,4 @@
-"""α schedules for the IRIS loss (iris-math §4).
+"""α schedules for the IRIS loss (docs/math.md#alpha-schedule).
 
 A schedule turns "where are we in training" into the α that ``iris_loss`` uses. Three rules hold
 for every schedule here:
@@ -51,7 +51,7 @@ __all__ = [
 
 
 def _check_alpha_value(value: Any, name: str) -> float:
-    """α ∈ [0, ∞): negative α swaps the roles of the two IRIS terms (iris-math §3), so it is an error."""
+    """α ∈ [0, ∞): negative α swaps the roles of the two IRIS terms (docs/math.md#objective), so it is an error."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
@@ -207,7 +207,7 @@ def all_reduce_gap_sums(sums: torch.Tensor, group=None) -> torch.Tensor:
 
 
 class GapAdaptiveAlpha(AlphaSchedule):
-    """α from the distributional gap between the opponent's own samples and the data (iris-math §4).
+    """α from the distributional gap between the opponent's own samples and the data (docs/math.md#alpha-schedule).
 
         D̂_t = mean(s̄_θt over synthetic responses) − mean(s̄_θt over annotated responses)
         α_t = α_min + (α_max − α_min) · clip(D̂_t / D̂_0, 0, 1)

@@ -156,7 +156,7 @@ def test_fp64_reference_matches_autograd(objective):
 
 
 def test_iris_fp64_matches_the_closed_form():
-    """iris_fp64 at alpha = 2: L = -log E_R[e^g] + 1/2 log E_S[e^{2g}] (iris-math s.3 table)."""
+    """iris_fp64 at alpha = 2: L = -log E_R[e^g] + 1/2 log E_S[e^{2g}] (docs/math.md#limits table)."""
     s = torch.tensor([-3.0, -1.0, -2.5, 0.5], dtype=torch.float64)
     ref = torch.tensor([-2.0, -1.5, -2.0, -1.0], dtype=torch.float64)
     real = torch.tensor([True, True, False, False])

@@ -1,4 +1,4 @@
-"""The IRIS fixed-point theorem, numerically (iris-math §3).
+"""The IRIS fixed-point theorem, numerically (docs/math.md#fixed-point).
 
 A free categorical model: logits θ over K outcomes, p_θ = softmax(θ), data distribution p_data.
 One self-play iteration is θ_{t+1} = argmin_θ L(θ; θ_t), L the POPULATION IRIS objective with

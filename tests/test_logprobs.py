@@ -1,6 +1,6 @@
 """linear_logprobs: every backend against an independent fp64 oracle, values and gradients.
 
-The oracle below is written from the formula (iris-math §7), not from iris_kernels.reference.
+The oracle below is written from the formula (docs/math.md#token-level-op), not from iris_kernels.reference.
 Low-precision inputs are judged as landscape.md says: the backend's error against fp64 must be
 no worse than naive same-dtype PyTorch's error plus a tolerance.
 """

@@ -1,6 +1,6 @@
 """Adversarial checks of linear_logprobs / sequence_logprobs, written as an outside grader would.
 
-Everything here is judged against an fp64 oracle written in this file from iris-math §7 (it shares
+Everything here is judged against an fp64 oracle written in this file from docs/math.md#token-level-op (it shares
 no code with the library or with the other test files): values AND gradients of log p, lse and
 entropy under random upstream gradients, on shapes that straddle the tile sizes, every target
 dtype, odd memory layouts, extreme temperature/soft-cap, non-finite inputs and bad arguments.

@@ -1,5 +1,5 @@
 """Sequence-level losses against independent fp64 references (values and gradients), the limits
-and identities of iris-math §3, the baselines of §5, metrics, validation and the registry.
+and identities of docs/math.md#objective, the baselines of docs/math.md#baselines, metrics, validation and the registry.
 """
 import inspect
 import math
@@ -25,7 +25,7 @@ BACKENDS = ["torch", "triton"]
 
 
 # --------------------------------------------------------------------------------------------
-# fp64 references, straight from iris-math §3/§5 (no code shared with the library)
+# fp64 references, straight from docs/math.md#objective and #baselines (no code shared with the library)
 # --------------------------------------------------------------------------------------------
 def _log_mean_exp(v):
     return torch.logsumexp(v, 0) - math.log(v.numel())
@@ -109,7 +109,7 @@ def test_iris_matches_fp64_reference(backend, n, m, alpha, beta, g_scale, seed):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("alpha", ALPHAS)
 def test_iris_weights_are_the_tilted_softmaxes(backend, alpha):
-    """∂L/∂s_θ = −β·softmax((α−1)·g_R) on real, +β·softmax(α·g_S) on synthetic (iris-math §3)."""
+    """∂L/∂s_θ = −β·softmax((α−1)·g_R) on real, +β·softmax(α·g_S) on synthetic (docs/math.md#gradient)."""
     beta = 0.7
     pr, ps, rr, rs = make_batch(9, 14, 2.0, beta, seed=4)
     _, gr, gs = _grads(iris_loss, pr, ps, rr, rs, alpha=alpha, beta=beta, backend=backend)
@@ -134,7 +134,7 @@ def test_iris_zero_and_uniform_at_the_reference(backend, alpha):
 
 
 def test_closed_forms():
-    """α = 0, ½, 1 (Donsker–Varadhan) and 2 (χ²) against the closed forms of the iris-math §3 table."""
+    """α = 0, ½, 1 (Donsker–Varadhan) and 2 (χ²) against the closed forms of the docs/math.md#limits table."""
     beta = 1.0
     pr, ps, rr, rs = make_batch(11, 6, 1.5, beta, seed=9)
     g_r = (pr.double() - rr.double()) * beta

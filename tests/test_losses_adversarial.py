@@ -3,7 +3,7 @@
 Every oracle below is independent of the library and of the other test files: κ_t and the IRIS
 loss in 40-digit arithmetic (mpmath, so tiny tilts such as α = 1e-12 are exact rather than
 1/α-amplified fp64 rounding), the baselines and their gradients written out by hand from
-iris-math §5. Known failures are kept as strict xfails with the reason.
+docs/math.md#baselines. Known failures are kept as strict xfails with the reason.
 """
 import math
 
@@ -56,7 +56,7 @@ def mp_softmax(values, t):
 
 
 def mp_iris(pr, ps, rr, rs, alpha, beta):
-    """(L, ∂L/∂policy_real, ∂L/∂policy_syn, term dict) of iris-math §3, exactly.
+    """(L, ∂L/∂policy_real, ∂L/∂policy_syn, term dict) of docs/math.md#objective, exactly.
 
     L = κ_{1−α}(−g_R) + κ_α(g_S); ∂L/∂s_R = −β·softmax((α−1)·g_R), ∂L/∂s_S = +β·softmax(α·g_S).
     """
@@ -83,7 +83,7 @@ def softplus64(x):
 
 
 def oracle_baseline(name, pr, ps, rr, rs, **hp):
-    """(L, ∂L/∂pr, ∂L/∂ps, Σ|term|) in fp64 for SPIN/DPO (sigmoid, hinge), SPACE, χ² (iris-math §5).
+    """(L, ∂L/∂pr, ∂L/∂ps, Σ|term|) in fp64 for SPIN/DPO (sigmoid, hinge), SPACE, χ² (docs/math.md#baselines).
 
     The last entry is the size of the terms L adds up: the library rounds each to fp32 first."""
     pr, ps, rr, rs = (x.detach().double() for x in (pr, ps, rr, rs))
@@ -332,7 +332,7 @@ def test_iris_tensor_alpha_equals_float_alpha(backend):
 
 
 def test_iris_limits_table_closed_forms():
-    """The §3 table, written with torch.logsumexp (a second, fp64 oracle)."""
+    """The docs/math.md#limits table, written with torch.logsumexp (a second, fp64 oracle)."""
     pr, ps, rr, rs = batch(6, 9, 1.3, 21)
     g_r, g_s = pr - rr, ps - rs
 

@@ -1,6 +1,6 @@
 """SelfPlayLoss: the end-to-end module against (a) the composition of the public pieces,
 linear_logprobs + per-row sums + the registry loss, on every backend, and (b) an fp64 oracle
-written here from the formulas (materialised log-softmax, iris-math §3 closed form)."""
+written here from the formulas (materialised log-softmax, docs/math.md#objective closed form)."""
 import math
 
 import pytest
@@ -67,7 +67,7 @@ def assert_close(a, b, tol):
 
 
 def iris_oracle(pr, ps, rr, rs, alpha, beta=1.0):
-    """L = 1/(1−α)·log mean e^{−(1−α)g_R} + 1/α·log mean e^{αg_S}; the §3 limits at α ∈ {0, 1}."""
+    """L = 1/(1−α)·log mean e^{−(1−α)g_R} + 1/α·log mean e^{αg_S}; the docs/math.md#limits values at α ∈ {0, 1}."""
     gr, gs = beta * (pr - rr), beta * (ps - rs)
 
     def kappa(ell, t):
@@ -205,7 +205,7 @@ def test_precomputed_reference_is_detached():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_policy_equals_reference(backend):
-    """IRIS: L = 0 with uniform weights; SPIN: L = log 2 (iris-math §3, §5)."""
+    """IRIS: L = 0 with uniform weights; SPIN: L = log 2 (docs/math.md#objective, #baselines)."""
     hidden, weight, labels, _ = make_batch(seed=14)
     ref_h, ref_w = hidden.detach().clone(), weight.detach().clone()
     for alpha in (0.0, 0.5, 1.0, 2.0):

@@ -40,6 +40,7 @@ def pairs():
         chunk = ref[lo:lo + 4]
         batch["ref_logps"] = torch.tensor([r["ref_real"] for r in chunk] + [r["ref_syn"] for r in chunk])
         items.append(batch)
+    model.harness_rows = (tok, exs, syn, ref)  # what the Trainer example starts from
     return model, items
 
 
@@ -48,28 +49,24 @@ def test_readme_has_the_two_examples():
 
 
 def test_trainer_example(pairs, tmp_path):
-    from transformers import TrainingArguments
-
     model, items = pairs
-    ns = {}
-    exec(BLOCKS[0], ns)
-
-    class PreBatched(torch.utils.data.Dataset):  # each item is already a full [2B] batch
-        def __len__(self):
-            return len(items)
-
-        def __getitem__(self, i):
-            return items[i]
-
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=1, max_steps=2,
-                             learning_rate=1e-3, remove_unused_columns=False, report_to=[], save_strategy="no",
-                             use_cpu=True, logging_steps=1, disable_tqdm=True)
-    trainer = ns["IrisTrainer"](model=model, args=args, train_dataset=PreBatched(), alpha=0.5,
-                                data_collator=lambda xs: xs[0])
-    first = trainer.compute_loss(model, items[0])
-    assert abs(float(first.detach())) < 1e-5  # θ = θ_0: IRIS loss 0
+    tok, exs, syn, ref = model.harness_rows
+    ns = {"model": model, "tokenizer": tok, "examples": exs, "synthetic_rows": syn, "reference_rows": ref,
+          "output_dir": str(tmp_path)}
+    code = BLOCKS[0].replace("trainer.train()", "")
+    code = code.replace("remove_unused_columns=False)",  # CPU, quiet, two epochs: a test, not a run
+                        "remove_unused_columns=False, use_cpu=True, report_to=[], save_strategy='no', "
+                        "num_train_epochs=2, learning_rate=1e-3, disable_tqdm=True)")
+    exec(code, ns)
+    trainer = ns["trainer"]
+    # The Trainer's own (shuffling) loader feeds the collator; at θ = θ_0 every batch's IRIS loss is
+    # 0 only if each synthetic row's reference log-prob is its own, i.e. the pairs stayed together.
+    for batch in trainer.get_train_dataloader():
+        assert batch["input_ids"].shape[0] == 8 and batch["ref_logps"].shape == (8,)
+        assert abs(float(trainer.compute_loss(model, batch).detach())) < 1e-5
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer.train()
+    assert trainer.state.global_step == 4  # 8 prompts / 4 per batch x 2 epochs
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
 
 

@@ -11,7 +11,10 @@ iteration t+1 (with θ_{t+1} from ``iter_t/model/``).
 """
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
+import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,6 +46,49 @@ def _load_torch(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def tied_aliases(accelerator) -> set:
+    """State-dict names of the parameters that share storage with an earlier one (a tied lm_head),
+    in every model the accelerator prepared: safetensors stores each storage once, so these are
+    the names accelerate drops on save and the model re-ties on load."""
+    names = set()
+    for wrapped in getattr(accelerator, "_models", []):
+        model = accelerator.unwrap_model(wrapped)
+        seen = set()
+        for name, p in model.named_parameters(remove_duplicate=False):
+            key = (p.device, p.data_ptr())
+            if key in seen:
+                names.add(name)
+            seen.add(key)
+    return names
+
+
+class _DropExpectedTieNotice(logging.Filter):
+    """Drops accelerate's "Removed shared tensor {...} while saving" notice when every name in it is
+    an expected tied alias; a notice naming anything else still shows."""
+
+    def __init__(self, expected: set):
+        super().__init__()
+        self.expected = expected
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()  # accelerate may prefix it with "[RANK r] "
+        if "Removed shared tensor" not in msg:
+            return True
+        names = set(re.findall(r"'([^']+)'", msg.partition("Removed shared tensor")[2].split(" while saving")[0]))
+        return not (names and names <= self.expected)
+
+
+@contextlib.contextmanager
+def _quiet_about_tied_weights(accelerator):
+    log = logging.getLogger("accelerate.utils.other")
+    filt = _DropExpectedTieNotice(tied_aliases(accelerator))
+    log.addFilter(filt)
+    try:
+        yield
+    finally:
+        log.removeFilter(filt)
+
+
 def save_training_checkpoint(accelerator, final_dir, progress: Progress, lr_scheduler, alpha_schedule) -> None:
     final_dir = Path(final_dir)
     tmp = final_dir.with_name(final_dir.name + ".tmp")
@@ -51,7 +97,8 @@ def save_training_checkpoint(accelerator, final_dir, progress: Progress, lr_sche
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
+    with _quiet_about_tied_weights(accelerator):
+        accelerator.save_state(str(tmp), safe_serialization=True)
     if accelerator.is_main_process:
         _save_torch(tmp / TRAINER_STATE, {
             "progress": asdict(progress),

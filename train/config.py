@@ -9,7 +9,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import inspect
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -213,10 +215,73 @@ def _coerce(value: Any, tp, key: str) -> Any:
     raise TypeError(f"unsupported annotation {tp!r} for config key '{key}'")  # a bug in this file
 
 
+# Names people reach for from other trainers (HF TrainingArguments, TRL, SPIN's scripts), by the
+# last component of the key, and the key of this config they mean.
+KEY_ALIASES = {
+    "learning_rate": "optim.lr",
+    "lr_rate": "optim.lr",
+    "adam_beta1": "optim.betas",
+    "adam_beta2": "optim.betas",
+    "adam_epsilon": "optim.eps",
+    "warmup_ratio": "optim.warmup_ratio",
+    "max_grad_norm": "optim.max_grad_norm",
+    "grad_clip": "optim.max_grad_norm",
+    "batch_size": "train.per_device_batch_size",
+    "per_device_train_batch_size": "train.per_device_batch_size",
+    "train_batch_size": "train.per_device_batch_size",
+    "grad_accum": "train.gradient_accumulation_steps",
+    "gradient_accumulation": "train.gradient_accumulation_steps",
+    "num_train_epochs": "train.epochs",
+    "num_epochs": "train.epochs",
+    "num_iterations": "train.iterations",
+    "iters": "train.iterations",
+    "bf16": "train.mixed_precision",
+    "fp16": "train.mixed_precision",
+    "model_name_or_path": "model.name_or_path",
+    "model_name": "model.name_or_path",
+    "dataset": "data.train",
+    "dataset_name": "data.train",
+    "loss_type": "loss.name",
+    "loss_name": "loss.name",
+    "schedule": "loss.alpha_schedule",
+    "max_new_tokens": "generation.max_new_tokens",
+}
+
+
+def suggest_key(key: str, valid) -> Optional[str]:
+    """The valid key a mistyped ``key`` most likely means, or None.
+
+    Whole dotted strings make poor neighbours ("optim.learning_rate" is closer, letter by letter,
+    to "optim.warmup_ratio" than to "optim.lr"), so the match goes, in order: a known alias of the
+    last component; the last component matched among the same section's keys, then among all
+    keys; and only then the whole string.
+    """
+    valid = list(valid)
+    section, _, last = key.rpartition(".")
+    alias = KEY_ALIASES.get(last.lower())
+    if alias in valid:
+        return alias
+    by_last: Dict[str, List[str]] = {}
+    for v in valid:
+        by_last.setdefault(v.rpartition(".")[2], []).append(v)
+    same_section = {v.rpartition(".")[2]: v for v in valid if v.rpartition(".")[0] == section}
+    for pool in (same_section, {k: vs[0] for k, vs in by_last.items()}):
+        close = difflib.get_close_matches(last, list(pool), n=1, cutoff=0.75)
+        if close:
+            return pool[close[0]]
+        # A prefix or an abbreviation: "grad_accum" -> "gradient_accumulation_steps".
+        hits = [k for k in pool if k.startswith(last) or (len(last) >= 3 and last in k)]
+        if len(hits) == 1:
+            return pool[hits[0]]
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
 def _unknown_key(key: str, valid) -> ConfigError:
-    close = difflib.get_close_matches(key, list(valid), n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
-    return ConfigError(f"unknown config key '{key}'{hint} (valid keys: {', '.join(sorted(valid))})")
+    close = suggest_key(key, valid)
+    hint = f"; did you mean '{close}'?" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint} (valid keys: {', '.join(sorted(valid))}; "
+                       "or run with --help)")
 
 
 def _section_fields(cls) -> Dict[str, Any]:
@@ -341,6 +406,99 @@ def load_config(path: Optional[str], overrides: Optional[Dict[str, Any]] = None)
     return config_from_dict(apply_overrides(values, overrides or {}))
 
 
+HELP_FLAGS = ("-h", "--help")
+
+
+def wants_help(argv: List[str]) -> bool:
+    return any(a in HELP_FLAGS for a in argv)
+
+
+def _help_type(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        return " or ".join("null" if a is type(None) else _help_type(a) for a in typing.get_args(tp))
+    if origin in (list, List):
+        return f"list of {_help_type(typing.get_args(tp)[0])}"
+    if origin in (dict, Dict):
+        return "mapping"
+    return _type_name(tp)
+
+
+def _field_comments(cls) -> Dict[str, str]:
+    """The comment written beside (or directly above) each field in this file's source: the one
+    place a key is documented, so --help reads it rather than keep a second copy."""
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):
+        return {}
+    out, above = {}, []
+    for line in lines[1:]:
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            above.append(stripped.lstrip("# ").strip())
+            continue
+        m = re.match(r"\s+(\w+)\s*:[^#]*?(?:#\s*(.*))?$", line)
+        if m and not stripped.startswith(("def ", "@")):
+            out[m.group(1)] = (m.group(2) or " ".join(above)).strip()
+        above = []
+    return out
+
+
+def usage_text(preset_dir: Optional[Path] = None) -> str:
+    """What ``train/selfplay.py --help`` prints: the command line, the presets, every config key
+    with its type, default and meaning, and examples."""
+    preset_dir = preset_dir or Path(__file__).resolve().parent / "configs"
+    lines = [
+        "usage: python train/selfplay.py --config FILE --output_dir DIR [--section.key VALUE ...]",
+        "       python train/selfplay.py -h | --help",
+        "",
+        "Iterative IRIS self-play: each iteration generates a response per prompt with the current",
+        "model, scores both responses under it once, trains the next model with the self-play loss",
+        "and evaluates it on the held-out prompts. Running the same command again resumes where a",
+        "run stopped. VALUE is read as YAML (3, 1e-6, true, null, [1, 2]); --section.key=VALUE works",
+        "too. Without --config every key has its default below.",
+        "",
+        "presets (--config):",
+    ]
+    for path in sorted(preset_dir.glob("*.yaml")):
+        first = next((l.lstrip("# ").strip() for l in path.read_text().splitlines() if l.startswith("#")), "")
+        first = first if len(first) <= 70 else first[:69].rstrip() + "…"
+        try:
+            shown = path.relative_to(Path.cwd())
+        except ValueError:
+            shown = path
+        lines.append(f"  {str(shown):40s} {first}")
+    lines += ["", "config keys (type [default]):"]
+    hints = _section_fields(Config)
+    defaults = Config()
+    for name, tp in hints.items():
+        if dataclasses.is_dataclass(tp):
+            comments = _field_comments(tp)
+            section = getattr(defaults, name)
+            for fname, ftp in _section_fields(tp).items():
+                value = getattr(section, fname)
+                default = value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True)
+                default = str(default).strip().removesuffix("...").strip()
+                key = f"{name}.{fname}"
+                lines.append(f"  --{key:34s} {_help_type(ftp)} [{default}]")
+                if comments.get(fname):
+                    lines.append(f"      {comments[fname]}")
+        else:
+            lines.append(f"  --{name:34s} {_help_type(tp)} [{getattr(defaults, name)}]")
+    lines += [
+        "",
+        "examples:",
+        "  python train/selfplay.py --config train/configs/tiny-cpu.yaml --output_dir runs/tiny",
+        "  python train/selfplay.py --config train/configs/tiny-cpu.yaml --output_dir runs/tiny --train.iterations 3",
+        "  python train/selfplay.py --config train/configs/smollm2-135m-cpu.yaml --output_dir runs/smol --loss.name spin",
+        "  accelerate launch --multi_gpu --num_processes 8 train/selfplay.py --config train/configs/zephyr-7b.yaml \\",
+        "      --output_dir runs/zephyr",
+        "",
+        "Ctrl-C stops a run; the same command resumes it. See train/README.md.",
+    ]
+    return "\n".join(lines)
+
+
 def parse_cli(argv: List[str]):
     """`--config F --output_dir D [--section.key value | --section.key=value ...]` -> (config, output_dir).
 
@@ -356,7 +514,7 @@ def parse_cli(argv: List[str]):
         key, eq, value = arg[2:].partition("=")
         if not eq:
             if i + 1 >= len(argv):
-                raise ConfigError(f"argument --{key} needs a value")
+                raise ConfigError(f"argument --{key} needs a value (see --help)")
             value = argv[i + 1]
             i += 1
         i += 1

@@ -7,7 +7,7 @@ the model body, reads the lm_head weight and calls ``iris_kernels.SelfPlayLoss``
 forward, so FSDP / ZeRO-3 have the full weight there and the [tokens × vocab] logits are never
 built.
 
-Normalisation over an optimizer step (iris-math §6):
+Normalisation over an optimizer step (docs/math.md#normalisation-scopes):
 * one micro-batch per step: SelfPlayLoss normalises over its own rows (``scope: rank``) or over
   every rank's rows with one all-gather (``scope: global``); no extra pass;
 * gradient accumulation (A > 1) under rank/global: a no-grad forward over the A micro-batches

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from train.checkpoint import (Progress, load_iteration_state, load_training_checkpoint, read_training_progress,
                               remove_training_checkpoint, save_iteration_state, save_training_checkpoint)
-from train.config import dump_config, flatten, parse_cli
+from train.config import dump_config, flatten, parse_cli, usage_text, wants_help
 from train.data import build_examples, load_rows, step_micro_batches, stop_token_ids
 from train.evaluation import evaluate, lm_eval_scores
 from train.faults import maybe_kill
@@ -62,8 +62,15 @@ def record_config(out: Path, cfg, log) -> None:
     atomic_write_text(path, text)
 
 
+INTERRUPTED = "interrupted; run the same command to resume"
+
+
 def main(argv=None) -> None:
-    cfg, output_dir = parse_cli(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if wants_help(argv):
+        print(usage_text())
+        return
+    cfg, output_dir = parse_cli(argv)
     out = Path(output_dir)
     # cpu=True without CUDA: under torchrun / `accelerate launch --multi_gpu` this gives one gloo
     # process group over CPU processes (accelerate's own `--cpu` flag runs a single process).
@@ -83,7 +90,6 @@ def main(argv=None) -> None:
     set_seed(cfg.seed)
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
-        record_config(out, cfg, log)
     accelerator.wait_for_everyone()
 
     # ---------------------------------------------------------------- where to start
@@ -95,10 +101,14 @@ def main(argv=None) -> None:
     tokenizer = load_tokenizer(cfg.model)
     trained_already = (out / f"iter_{start}" / "TRAINED").exists()
     if trained_already:  # crashed during evaluation: θ_{start+1} is on disk already
+        log(f"resuming at iteration {start}'s evaluation: θ_{start + 1} is trained and saved already")
         model = load_checkpoint_model(out / f"iter_{start}" / "model", cfg.model)
     elif start > 0:
+        log(f"resuming at iteration {start}: iterations 0-{start - 1} are done")
         model = load_checkpoint_model(out / f"iter_{start - 1}" / "model", cfg.model)
     else:
+        if (out / "config.yaml").exists():  # written only once a start-up succeeded
+            log("resuming iteration 0")
         model = build_initial_model(cfg.model, tokenizer, cfg.seed)
     model.to(accelerator.device)
     autocast = accelerator.autocast
@@ -129,6 +139,11 @@ def main(argv=None) -> None:
         steps_per_iteration = min(steps_per_iteration, cfg.train.max_steps)
     log(f"{len(train_ex)} train / {len(splits.get('heldout', []))} held-out prompts, {world} process(es), "
         f"global batch {global_batch}, {steps_per_iteration} steps per iteration, starting at iteration {start}")
+    # Only now, with the model and the data loaded: a run that fails at start-up leaves no
+    # config.yaml behind, so its corrected rerun is a fresh start and not a "resume".
+    if is_main:
+        record_config(out, cfg, log)
+    accelerator.wait_for_everyone()
 
     # ---------------------------------------------------------------- run state carried across iterations
     alpha_schedule = build_alpha_schedule(cfg.loss, total_steps=iterations * steps_per_iteration)
@@ -155,6 +170,7 @@ def main(argv=None) -> None:
                         max_new_tokens=cfg.eval.max_new_tokens, accuracy=cfg.eval.accuracy,
                         accelerator=accelerator, autocast=autocast)
 
+    legend_shown = False
     if initial_eval_due:
         result = run_eval(-1)
         record = {"kind": "eval", "iteration": -1, "step": 0, **result}
@@ -162,7 +178,9 @@ def main(argv=None) -> None:
         if is_main:
             atomic_write_json(out / "eval_initial.json", record)
         accelerator.wait_for_everyone()
+        log(metrics_legend(cfg))
         log(f"θ_0: {format_metrics(result)}")
+        legend_shown = True
 
     for t in range(start, iterations):
         it = out / f"iter_{t}"
@@ -170,6 +188,8 @@ def main(argv=None) -> None:
             it.mkdir(parents=True, exist_ok=True)
         accelerator.wait_for_everyone()
         trained = (it / "TRAINED").exists()
+        if trained:
+            log(f"iteration {t}: generation, scoring and training are done already (iter_{t}/TRAINED)")
 
         # ------------------------------------------------------------ a. generate with θ_t
         synthetic = {}
@@ -180,7 +200,7 @@ def main(argv=None) -> None:
                 run_sharded(examples, sampler, out_dir=it, prefix=f"generated-{split}",
                             shard_size=cfg.generation.shard_size, batch_size=cfg.generation.batch_size,
                             rank=rank, world_size=world, desc=f"iter {t} generate {split}",
-                            fault_phase="generate", show_progress=is_main)
+                            fault_phase="generate", show_progress=is_main, log=log)
                 accelerator.wait_for_everyone()
             synthetic[split] = load_sharded(examples, out_dir=it, prefix=f"generated-{split}",
                                             shard_size=cfg.generation.shard_size)
@@ -197,7 +217,7 @@ def main(argv=None) -> None:
                 run_sharded(examples, score, out_dir=it, prefix=f"reference-{split}",
                             shard_size=cfg.generation.shard_size, batch_size=cfg.eval.batch_size,
                             rank=rank, world_size=world, desc=f"iter {t} score {split}",
-                            fault_phase="score", show_progress=is_main)
+                            fault_phase="score", show_progress=is_main, log=log)
                 accelerator.wait_for_everyone()
             reference[split] = load_sharded(examples, out_dir=it, prefix=f"reference-{split}",
                                             shard_size=cfg.generation.shard_size)
@@ -225,7 +245,8 @@ def main(argv=None) -> None:
             if progress is None:
                 progress = Progress(iteration=t, global_step=global_step)
             else:
-                log(f"iteration {t}: resuming training at step {progress.step_in_iteration}/{steps_per_iteration}")
+                log(f"iteration {t}: resuming training at step {progress.step_in_iteration}/{steps_per_iteration} "
+                    f"from the checkpoint in {it / 'checkpoint'}")
             model.train()
             bar = tqdm(total=steps_per_iteration, initial=progress.step_in_iteration, desc=f"iter {t} train",
                        disable=not is_main, dynamic_ncols=True)
@@ -318,6 +339,9 @@ def main(argv=None) -> None:
             accelerator.wait_for_everyone()
         record = {"kind": "eval", "iteration": t, "step": global_step, "alpha": alpha, **result}
         metrics.log(record)
+        if not legend_shown:
+            log(metrics_legend(cfg))
+            legend_shown = True
         log(f"iteration {t} done: {format_metrics(record)}")
 
         # ------------------------------------------------------------ e. DONE, last
@@ -330,10 +354,38 @@ def main(argv=None) -> None:
     log(f"finished {iterations} iterations in {out}")
 
 
+def metrics_legend(cfg) -> str:
+    """What the numbers of the eval lines mean, printed once per run before the first of them."""
+    lines = ["eval metrics (held-out prompts): nll = per-token negative log-likelihood of the annotated "
+             "responses (lower is better)"]
+    if cfg.eval.accuracy:
+        lines.append(f"accuracy = fraction of prompts whose greedy answer (up to {cfg.eval.max_new_tokens} tokens) "
+                     f"equals the row's '{cfg.data.answer_field}' field (whitespace-normalised); rows without one are not counted, "
+                     "and a model that answers none exactly scores 0 (the tiny random preset always does)")
+    lines.append("reward_margin = mean g(annotated) - g(synthetic), g = beta (log p_new - log p_opponent); "
+                 "win_rate = fraction of prompts where the annotated response gains more (higher is better)")
+    if cfg.loss.name == "iris":
+        lines.append("the training loss shown in the progress bar is the IRIS loss -J_alpha, the negated estimate of "
+                     "a lower bound on the Renyi divergence between the data and the opponent (docs/math.md#objective): "
+                     "negative values are normal, and lower is better")
+    return "\n    ".join(lines)
+
+
 def format_metrics(m: dict) -> str:
     keys = ("nll", "accuracy", "reward_margin", "win_rate", "alpha", "ess_real_frac", "ess_syn_frac")
     return ", ".join(f"{k} {m[k]:.4g}" for k in keys if isinstance(m.get(k), (int, float)))
 
 
+def cli(argv=None) -> int:
+    """The command-line entry: Ctrl-C ends the run with one line (the run resumes from where it
+    stopped, so a traceback would only hide that) and the shell's usual status for SIGINT, 130."""
+    try:
+        main(argv)
+    except KeyboardInterrupt:
+        print(f"\n{INTERRUPTED}", file=sys.stderr, flush=True)
+        return 130
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

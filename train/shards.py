@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 from tqdm.auto import tqdm
 
@@ -54,11 +54,13 @@ def run_sharded(
     desc: str = "",
     fault_phase: str = "",
     show_progress: bool = True,
+    log: Optional[Callable[[str], None]] = None,
 ) -> None:
     """Run ``process`` on every item of this rank's unfinished shards; see the module docstring.
 
     items[i] must have ``prompt_id == i`` and ``prompt_sha``; ``process(batch)`` returns one row
-    per item of the batch carrying that item's prompt_id and prompt_sha.
+    per item of the batch carrying that item's prompt_id and prompt_sha. ``log`` (one line) is
+    told where a rerun resumes when earlier rows exist.
     """
     n = len(items)
     mine = list(range(rank, num_shards(n, shard_size), world_size))
@@ -84,6 +86,18 @@ def run_sharded(
 
     total = sum(min(n, (k + 1) * shard_size) - k * shard_size for k in mine)
     remaining = sum(len(v) for v in todo_by_shard.values())
+    if log is not None and remaining < total:
+        finished = len(mine) - len(todo_by_shard)
+        name = desc or prefix
+        if not todo_by_shard:
+            log(f"{name}: done already ({finished} shard(s), {total} prompts), skipping")
+        else:
+            first = min(todo_by_shard)
+            lo = first * shard_size
+            in_shard = min(n, lo + shard_size) - lo - len(todo_by_shard[first])
+            log(f"{name}: resuming at shard {first} ({shard_path(out_dir, prefix, first).name}, prompt "
+                f"{lo + in_shard} after {in_shard} done in it); {total - remaining} of {total} prompts done, "
+                f"{finished} of {len(mine)} shard(s) finished")
     written = 0
     with tqdm(total=total, initial=total - remaining, desc=desc, disable=not show_progress, dynamic_ncols=True) as bar:
         for k, todo in todo_by_shard.items():

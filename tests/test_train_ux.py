@@ -1,0 +1,208 @@
+"""train/selfplay.py as a user meets it: --help, Ctrl-C, the resume messages, typo suggestions, a
+start-up failure that leaves no trace, the eval legend, and checkpoints of tied weights saved
+without accelerate's shared-tensor notice."""
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from train import selfplay  # noqa: E402
+from train.config import ConfigError, flatten, Config, load_config, suggest_key, usage_text  # noqa: E402
+from train.io_utils import append_jsonl  # noqa: E402
+from train.shards import run_sharded  # noqa: E402
+
+SCRIPT = ROOT / "train" / "selfplay.py"
+PRESET = ROOT / "train" / "configs" / "tiny-cpu.yaml"
+FAST = ["--data.max_train_prompts", "32", "--data.max_eval_prompts", "16", "--train.epochs", "1",
+        "--train.iterations", "1", "--train.save_steps", "2", "--generation.shard_size", "16",
+        "--generation.batch_size", "8"]
+pytestmark = pytest.mark.timeout(300)
+
+
+def _env(**extra):
+    env = dict(os.environ)
+    env.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"})
+    env.pop("IRIS_SELFPLAY_KILL_AT", None)
+    env.pop("IRIS_SELFPLAY_NAN_STEPS", None)
+    env.update(extra)
+    return env
+
+
+def _run(*args, env=None):
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env or _env(),
+                          capture_output=True, text=True, timeout=280)
+
+
+# ----------------------------------------------------------------------------- --help
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_prints_usage(flag, capsys):
+    selfplay.main(["--config", str(PRESET), flag])  # wherever the flag is, no value needed
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python train/selfplay.py --config FILE --output_dir DIR")
+    for must in ("tiny-cpu.yaml", "zephyr-7b.yaml", "--optim.lr", "--train.iterations", "--loss.alpha_schedule",
+                 "examples:", "resume"):
+        assert must in out, must
+    # Every config key is listed, with its documentation where the dataclass has a comment.
+    for key in flatten(Config().to_dict()):
+        assert f"--{key} " in out, key
+    assert "passes over the prompts per iteration" in out
+
+
+def test_help_from_the_command_line_exits_0():
+    proc = _run("-h")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("usage:") and "Traceback" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------- typo suggestions
+
+
+@pytest.mark.parametrize("typo, meant", [
+    ("optim.learning_rate", "optim.lr"),
+    ("train.iteratoins", "train.iterations"),
+    ("train.batch_size", "train.per_device_batch_size"),
+    ("train.grad_accum", "train.gradient_accumulation_steps"),
+    ("optim.weight_decy", "optim.weight_decay"),
+    ("loss.alpha_shedule", "loss.alpha_schedule"),
+    ("model.name", "model.name_or_path"),
+    ("optim.lr_rate", "optim.lr"),
+])
+def test_suggestions_weigh_the_last_component(typo, meant):
+    assert suggest_key(typo, flatten(Config().to_dict())) == meant
+    with pytest.raises(ConfigError, match=f"unknown config key '{typo}'; did you mean '{meant}'"):
+        load_config(str(PRESET), {typo: 1})
+
+
+def test_no_suggestion_for_nonsense():
+    assert suggest_key("zzz.qqqq", flatten(Config().to_dict())) is None
+
+
+# ----------------------------------------------------------------------------- Ctrl-C
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(selfplay, "load_tokenizer", interrupted)  # in the middle of start-up
+    rc = selfplay.cli(["--config", str(PRESET), "--output_dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 130
+    assert err.strip() == "interrupted; run the same command to resume"
+
+
+def test_sigint_in_a_real_run(tmp_path):
+    """SIGINT while the run is generating: one line on stderr, no traceback, status 130."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--config", str(PRESET), "--output_dir", str(out), *FAST,
+                             "--train.iterations", "50", "--eval.at_start", "false"],
+                            cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # Interrupt once generation has written its first rows (the run is past start-up).
+        import time
+
+        deadline = time.monotonic() + 240
+        while not list(out.glob("iter_0/generated-train-*")) and time.monotonic() < deadline:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "interrupted; run the same command to resume"
+
+
+# ----------------------------------------------------------------------------- resume messages
+
+
+class _Item:
+    def __init__(self, i):
+        self.prompt_id, self.prompt_sha = i, f"sha{i}"
+
+
+def _rows(batch):
+    return [{"prompt_id": it.prompt_id, "prompt_sha": it.prompt_sha} for it in batch]
+
+
+def test_sharded_phases_say_where_they_resume(tmp_path):
+    items = [_Item(i) for i in range(10)]
+    said = []
+    run_sharded(items, _rows, out_dir=tmp_path, prefix="gen", shard_size=4, batch_size=2, desc="gen", log=said.append,
+                show_progress=False)
+    assert said == []  # a fresh start says nothing
+    # As a crash leaves it: shard 1 removed, its first two rows in a partial file.
+    (tmp_path / "gen-00001.jsonl").unlink()
+    append_jsonl(tmp_path / "gen-00001.jsonl.partial", _rows(items[4:6]))
+    run_sharded(items, _rows, out_dir=tmp_path, prefix="gen", shard_size=4, batch_size=2, desc="gen", log=said.append,
+                show_progress=False)
+    assert len(said) == 1 and "resuming at shard 1" in said[0] and "prompt 6 after 2 done" in said[0]
+    assert "8 of 10 prompts done" in said[0]
+    run_sharded(items, _rows, out_dir=tmp_path, prefix="gen", shard_size=4, batch_size=2, desc="gen", log=said.append,
+                show_progress=False)
+    assert "done already" in said[-1]
+
+
+def test_startup_failure_leaves_no_resume_trace_then_resume_messages(tmp_path):
+    out = tmp_path / "run"
+    # 1) A start-up failure (the data file does not exist) leaves no config.yaml behind.
+    with pytest.raises(FileNotFoundError):
+        selfplay.main(["--config", str(PRESET), "--output_dir", str(out), *FAST,
+                       "--data.train", str(tmp_path / "nope.jsonl")])
+    assert not (out / "config.yaml").exists() and not list(out.glob("iter_*"))
+
+    # 2) The corrected command starts afresh; SIGKILL at step 3 (checkpoint at step 2).
+    proc = _run("--config", str(PRESET), "--output_dir", str(out), *FAST,
+                env=_env(IRIS_SELFPLAY_KILL_AT="train:3"))
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    text = proc.stdout + proc.stderr
+    assert "resuming" not in text and "changed config keys" not in text
+    assert "Removed shared tensor" not in text  # the tied lm_head is saved once, silently
+    assert (out / "iter_0" / "checkpoint" / "model.safetensors").exists()
+
+    # 3) The same command resumes, and says where at every phase.
+    proc = _run("--config", str(PRESET), "--output_dir", str(out), *FAST)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = proc.stdout + proc.stderr
+    assert "resuming iteration 0" in text
+    assert "generate train: done already" in text and "score heldout: done already" in text
+    assert "resuming training at step 2/4 from the checkpoint in" in text
+    assert "changed config keys" not in text and "Removed shared tensor" not in text
+    # The eval line explains itself.
+    assert "accuracy = fraction of prompts whose greedy answer" in text
+    assert "-J_alpha" in text and "negative values are normal" in text
+
+    # 4) Once more: everything is done.
+    proc = _run("--config", str(PRESET), "--output_dir", str(out), *FAST)
+    assert proc.returncode == 0 and "all 1 iterations are done" in proc.stdout + proc.stderr
+
+
+# ----------------------------------------------------------------------------- tied-weight notice
+
+
+def test_only_the_expected_tie_notice_is_dropped():
+    from train.checkpoint import _DropExpectedTieNotice
+
+    filt = _DropExpectedTieNotice({"model.lm_head.weight"})
+
+    def rec(msg):
+        return logging.LogRecord("accelerate.utils.other", logging.WARNING, __file__, 1, msg, None, None)
+
+    assert not filt.filter(rec("Removed shared tensor {'model.lm_head.weight'} while saving. This should be OK"))
+    assert not filt.filter(rec("[RANK 0] Removed shared tensor {'model.lm_head.weight'} while saving."))
+    assert filt.filter(rec("Removed shared tensor {'model.other.weight'} while saving. This should be OK"))
+    assert filt.filter(rec("Removed shared tensor {'model.lm_head.weight', 'x'} while saving."))
+    assert filt.filter(rec("something else"))
