@@ -47,7 +47,7 @@ if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
     # The test reads this line to know that the model really went through fully_shard.
     _accelerator.fsdp2_prepare_model = _report_units(_accelerator.fsdp2_prepare_model)
 
-from train.selfplay import main  # noqa: E402
+from train.selfplay import cli  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())
