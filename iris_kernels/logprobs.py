@@ -12,6 +12,8 @@ import torch
 from .autograd import TritonLinearLogprobs, interpreting
 from .chunked import ChunkedLinearLogprobs
 from .reference import reference_linear_logprobs
+from .custom_ops import apply_backend
+from .sharding import full_weights
 from .tuning import BACKWARDS, auto_choice
 from .types import Backend, LinearLogprobsOutput, LogprobsParams, accumulation_dtype
 
@@ -141,7 +143,10 @@ def linear_logprobs(
     Args:
         hidden: [..., H] float32, bfloat16 or float16 (float64 on the torch/reference backends);
             any strides.
-        weight: [V, H], same dtype and device (the lm_head weight, tied or not).
+        weight: [V, H], same dtype and device (the lm_head weight, tied or not). An FSDP2
+            ``DTensor`` shard is gathered here (differentiably; see ``iris_kernels.sharding``);
+            an ungathered DeepSpeed ZeRO-3 placeholder raises ValueError. Vocabulary-parallel
+            (tensor-parallel) heads are out of scope: the whole vocabulary is computed per rank.
         targets: integer tensor with hidden's leading shape.
         bias: optional [V].
         temperature: > 0; divides the (soft-capped) logits.
@@ -181,6 +186,7 @@ def linear_logprobs(
     ``backend="reference"``; "torch" and "triton" raise a RuntimeError at the second
     differentiation (their first backward is unaffected).
     """
+    weight, bias = full_weights(hidden, weight=weight, bias=bias)  # FSDP2 DTensor / ZeRO-3: sharding.py
     temperature, softcap = _validate(hidden, weight, targets, bias, temperature, softcap)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
@@ -240,7 +246,6 @@ def linear_logprobs(
     elif which is Backend.REFERENCE:
         logp, lse, entropy = reference_linear_logprobs(flat_hidden, weight, flat_targets, bias, params)
     else:
-        fn = TritonLinearLogprobs if which is Backend.TRITON else ChunkedLinearLogprobs
         if which is Backend.TRITON:
             # The kernels index rows with one stride and assume a unit last-dim stride.
             flat_hidden = flat_hidden if flat_hidden.stride(-1) == 1 else flat_hidden.contiguous()
@@ -248,7 +253,7 @@ def linear_logprobs(
             if bias is not None and bias.stride(0) != 1:
                 bias = bias.contiguous()  # the kernels read the bias with unit stride
             flat_targets = flat_targets.contiguous()
-        logp, lse, entropy = fn.apply(flat_hidden, weight, flat_targets, bias, params)
+        logp, lse, entropy = apply_backend(which.value, flat_hidden, weight, flat_targets, bias, params)  # custom op under torch.compile
         if not return_entropy:
             entropy = None
 

@@ -52,7 +52,7 @@ from .distributed import (
 )
 
 try:  # Triton is optional (Linux only); the PyTorch path covers everything else.
-    from .ops import tilted_risk as _tilted_ops
+    from .custom_ops import tilted_kernels as _tilted_ops  # ops.tilted_risk, as custom ops under torch.compile
 except ImportError:  # pragma: no cover - exercised only where triton is missing
     _tilted_ops = None
 

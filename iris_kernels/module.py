@@ -39,6 +39,7 @@ from .distributed import StepNormalizer, StepStats, check_scope
 from .logprobs import _check_cuda_options, packed_sums, sequence_logprobs, shift_labels
 from .losses import check_loss_hparams, get_loss
 from .schedules import AlphaSchedule, make_schedule
+from .sharding import full_weights
 from .types import Backend
 
 __all__ = ["SelfPlayLoss"]
@@ -368,6 +369,7 @@ class SelfPlayLoss(nn.Module):
         return {"num_tokens_real": _select(counts, real_rows)}
 
     def _split(self, hidden, weight, labels, is_real, num_real, ref_logps, ref_hidden, ref_weight, bias, ref_bias, cu_seqlens):
+        weight, bias, ref_weight, ref_bias = full_weights(hidden, weight=weight, bias=bias, ref_weight=ref_weight, ref_bias=ref_bias)
         B = self._check_inputs(hidden, weight, labels, ref_logps, ref_hidden, ref_weight, bias, ref_bias, cu_seqlens)
         real_rows, syn_rows, n, m = split_rows(B, hidden.device, is_real=is_real, num_real=num_real)
         if n == 0:

@@ -71,6 +71,12 @@ class PolicyLoss(nn.Module):
         # as module extra state it would have to go through model.safetensors, which holds tensors only.
         self.__dict__["criterion"] = criterion
 
+    @property
+    def _no_split_modules(self):
+        # accelerate's FSDP transformer-based auto-wrap reads this from the module it prepares:
+        # this wrapper, not the model. Forwarding it makes every decoder layer its own FSDP unit.
+        return getattr(self.model, "_no_split_modules", None)
+
     def forward(self, input_ids, attention_mask, labels, ref_logps, *, num_real: int, step=None, stats=None,
                 logps_only: bool = False):
         hidden = body_hidden_states(self.model, input_ids, attention_mask)

@@ -270,6 +270,8 @@ def main(argv=None) -> None:
                     wrapped.parameters(), cfg.optim.max_grad_norm if cfg.optim.max_grad_norm else math.inf)
                 if grad_norm is None:  # DeepSpeed clips inside its engine and reports nothing here
                     grad_norm = torch.zeros(())
+                if hasattr(grad_norm, "full_tensor"):  # FSDP2: the norm of DTensor gradients is a DTensor
+                    grad_norm = grad_norm.full_tensor()
                 # One host sync per optimizer step: skipping a non-finite step needs a decision, and
                 # every rank must take the same one (all-reduced), or the processes would diverge.
                 bad = (~torch.isfinite(loss.detach().float()) | ~torch.isfinite(grad_norm.detach().float())).float()
