@@ -371,6 +371,25 @@ def tune(lang, tok, out: Path, cfg: dict, methods, results: dict, save) -> dict:
     return T["chosen"]
 
 
+def measure_tuning(lang, tok, out: Path, cfg: dict) -> None:
+    """Forward / reverse KL of every tuning model (tuning seed's own test set): how each method
+    moves at each learning rate, a sensitivity check beside the frozen choice."""
+    from train.io_utils import read_jsonl
+
+    sd = out / "tune"
+    measure = Measurer(lang, tok, read_jsonl(sd / "data" / "test.jsonl"),
+                       lang.sample_prompts(cfg["n_rev"], np.random.default_rng([TUNE_SEED, 4])), TUNE_SEED)
+    res = {"theta0": measure(Path(json.loads((sd / "sft_1n" / "early_stop.json").read_text())["model"]))}
+    for name in cfg["methods"]:
+        for lr in cfg["lr_grid"]:
+            run_dir = sd / f"{name}_lr{lr:g}"
+            its = [measure(run_dir / f"iter_{t}" / "model") for t in range(cfg["tune_iterations"])
+                   if (run_dir / f"iter_{t}" / "DONE").exists()]
+            res.setdefault(name, {})[f"{lr:g}"] = its
+        log(f"tuning measures {name}: " + ", ".join(f"lr {k}: {kls(v)}" for k, v in res[name].items()))
+    (out / "tuning_measures.json").write_text(json.dumps(res, indent=1))
+
+
 # ----------------------------------------------------------------------------- summary
 
 
@@ -542,6 +561,9 @@ def main(argv=None) -> None:
     ap.add_argument("--results", default=None,
                     help="where the JSON, PNGs and table go; default train/experiments/results (full) or OUT/results")
     ap.add_argument("--seeds", type=int, default=None, help="number of seeds (default 5; --quick 1)")
+    ap.add_argument("--measure-tuning", action="store_true",
+                    help="measure every model of the tuning runs (forward/reverse KL per learning rate) into "
+                         "OUT/tuning_measures.json, which --report then adds to the results")
     ap.add_argument("--report", action="store_true",
                     help="only rewrite the JSON, table and plots from OUT/results.json (no training)")
     ap.add_argument("--threads", type=int, default=1,
@@ -564,7 +586,12 @@ def main(argv=None) -> None:
     transformers.logging.set_verbosity_error()
 
     lang = Language()
-    tok = build_tokenizer(lang.spec, out / "tokenizer")
+    if (out / "tokenizer" / "tokenizer.json").exists():  # never rewritten under a running invocation
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(out / "tokenizer"))
+    else:
+        tok = build_tokenizer(lang.spec, out / "tokenizer")
     res_path = out / "results.json"
     results = json.loads(res_path.read_text()) if res_path.exists() else {}
     results.update({"config": {k: v for k, v in cfg.items()}, "language": lang.describe(),
@@ -584,7 +611,13 @@ def main(argv=None) -> None:
         (res_dir / "table.md").write_text(table(results["summary"], cfg))
         plots(results, results["summary"], cfg, res_dir)
 
+    if args.measure_tuning:
+        measure_tuning(lang, tok, out, cfg)
+        return
     if args.report:
+        extra = out / "tuning_measures.json"
+        if extra.exists():
+            results.setdefault("tuning", {})["measures"] = json.loads(extra.read_text())
         publish()
         log(f"report rewritten in {res_dir}")
         return
