@@ -383,8 +383,9 @@ def measure_tuning(lang, tok, out: Path, cfg: dict) -> None:
     for name in cfg["methods"]:
         for lr in cfg["lr_grid"]:
             run_dir = sd / f"{name}_lr{lr:g}"
-            its = [measure(run_dir / f"iter_{t}" / "model") for t in range(cfg["tune_iterations"])
-                   if (run_dir / f"iter_{t}" / "DONE").exists()]
+            its = [{**measure(run_dir / f"iter_{t}" / "model"),
+                    **{k: read_eval(run_dir, t).get(k) for k in ("nll", "alpha", "ess_real_frac", "ess_syn_frac")}}
+                   for t in range(cfg["tune_iterations"]) if (run_dir / f"iter_{t}" / "DONE").exists()]
             res.setdefault(name, {})[f"{lr:g}"] = its
         log(f"tuning measures {name}: " + ", ".join(f"lr {k}: {kls(v)}" for k, v in res[name].items()))
     (out / "tuning_measures.json").write_text(json.dumps(res, indent=1))
@@ -411,6 +412,15 @@ def summarize(results: dict, cfg: dict) -> dict:
                 row["n_seeds"] = len(runs)
             rows.append(row)
         summary["methods"][name] = rows
+    summary["paired_change_from_theta0"] = {}
+    for name in cfg["methods"]:
+        per_t = []
+        for t in range(T):
+            d = [s["methods"][name][t]["forward_kl"] - s["theta0"]["forward_kl"] for s in seeds.values()
+                 if len(s.get("methods", {}).get(name, [])) == T]
+            mu, hw, n = mean_ci(d)
+            per_t.append({"iteration": t + 1, "mean": mu, "ci95": hw, "n_seeds": n})
+        summary["paired_change_from_theta0"][name] = per_t
     ref = "iris_adaptive"
     for name in cfg["methods"] + [f"sft_{m}n" for m in cfg["sizes"]]:
         if name == ref:
@@ -477,24 +487,35 @@ def plots(results: dict, summary: dict, cfg: dict, res_dir: Path) -> None:
     fig.savefig(res_dir / "kl_vs_iteration.png", dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for key, lab in (("ess_real_frac", "real term"), ("ess_syn_frac", "synthetic term")):
-        xs, ys, es = [], [], []
-        for name in ("iris_a0.5", "iris_a1", "iris_a2", "iris_adaptive"):
+    # ESS vs α: the main runs (frozen learning rate, every seed) and, when measured, the tuning
+    # runs at every learning rate of the grid (one seed, mean over its iterations), where the
+    # larger steps make the weights visibly uneven.
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    fixed = (("iris_a0.5", 0.5), ("iris_a1", 1.0), ("iris_a2", 2.0))
+    tm = results.get("tuning", {}).get("measures", {})
+    for a, (key, lab) in zip(ax, (("ess_real_frac", "real term  w ∝ exp((α−1) g)"),
+                                  ("ess_syn_frac", "synthetic term  w ∝ exp(α g)"))):
+        for lr in cfg["lr_grid"]:
+            pts = [(alpha, np.mean([m[key] for m in tm.get(name, {}).get(f"{lr:g}", []) if m.get(key) is not None]))
+                   for name, alpha in fixed if tm.get(name, {}).get(f"{lr:g}")]
+            if pts:
+                a.plot([p[0] for p in pts], [p[1] for p in pts], marker="s", ls="--",
+                       label=f"tuning seed, lr {lr:g}")
+        pts = []
+        for name, alpha in fixed:
             rows = summary["methods"].get(name, [])[1:]
-            if not rows or rows[0]["n_seeds"] == 0:
-                continue
-            vals = [(s["methods"][name][t].get("alpha"), s["methods"][name][t].get(key))
-                    for s in results["seeds"].values() if name in s.get("methods", {})
-                    for t in range(len(s["methods"][name]))]
-            vals = [(a, v) for a, v in vals if a is not None and v is not None]
-            for a, v in vals:
-                xs.append(a)
-                ys.append(v)
-        if xs:
-            ax.scatter(xs, ys, label=lab, alpha=0.6)
-    ax.set(xlabel="α", ylabel="ESS / N on the validation split", title="IRIS weight concentration vs α")
-    ax.legend()
+            vals = [s["methods"][name][t].get(key) for s in results["seeds"].values()
+                    if len(s.get("methods", {}).get(name, [])) == cfg["iterations"] for t in range(cfg["iterations"])]
+            mu, hw, _ = mean_ci(vals)
+            if mu is not None:
+                pts.append((alpha, mu, hw or 0))
+        if pts:
+            a.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", c="k",
+                       capsize=3, label="main runs (frozen lr), all seeds × iterations")
+        a.set(xlabel="α", title=lab, xscale="log")
+        a.set_xticks([0.5, 1, 2], ["0.5", "1", "2"])
+    ax[0].set_ylabel("ESS / N of the IRIS weights (validation split)")
+    ax[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(res_dir / "ess_vs_alpha.png", dpi=110)
     plt.close(fig)
@@ -527,19 +548,21 @@ def fmt(mu, hw, d=3):
 def table(summary: dict, cfg: dict) -> str:
     T = cfg["iterations"]
     lines = ["| method | seeds | forward KL θ_0 | forward KL θ_T | reverse KL θ_T (valid) | invalid θ_T | "
-             "test NLL/token θ_T | Δ fwd KL vs IRIS-adaptive (IRIS − other) |", "|---|---|---|---|---|---|---|---|"]
+             "test NLL/token θ_T | fwd KL θ_T − θ_0 (paired) | Δ fwd KL vs IRIS-adaptive (IRIS − other) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     paired = summary["paired_final_forward_kl_vs_iris_adaptive"]
     for name, rows in summary["methods"].items():
         a, b = rows[0], rows[-1]
         p = paired.get(name, {})
+        ch = summary["paired_change_from_theta0"][name][-1]
         lines.append(f"| {name} | {b['n_seeds']} | {fmt(a['forward_kl'], a['forward_kl_ci95'])} | "
                      f"{fmt(b['forward_kl'], b['forward_kl_ci95'])} | {fmt(b['reverse_kl_valid'], b['reverse_kl_valid_ci95'])} | "
                      f"{fmt(b['reverse_invalid_frac'], None)} | {fmt(b['test_nll_per_token'], b['test_nll_per_token_ci95'])} | "
-                     f"{fmt(p.get('iris_minus_other'), p.get('ci95'))} |")
+                     f"{fmt(ch['mean'], ch['ci95'])} | {fmt(p.get('iris_minus_other'), p.get('ci95'))} |")
     for m in cfg["sizes"]:
         r = summary["data_size"][f"sft_{m}n"]
         p = paired.get(f"sft_{m}n", {})
-        lines.append(f"| SFT on {m}n (from init) | {r['n_seeds']} | — | {fmt(r['forward_kl'], r['ci95'])} | — | — | — | "
+        lines.append(f"| SFT on {m}n (from init) | {r['n_seeds']} | — | {fmt(r['forward_kl'], r['ci95'])} | — | — | — | — | "
                      f"{fmt(p.get('iris_minus_other'), p.get('ci95'))} |")
     lines.append("")
     lines.append(f"Mean ± 95 % t-interval over seeds; θ_T after T = {T} iterations; KL in nats per response; "
@@ -601,6 +624,8 @@ def main(argv=None) -> None:
 
     def save():
         results["summary"] = summarize(results, cfg)
+        if args.report:  # the running invocation owns OUT/results.json
+            return
         tmp = res_path.with_name("results.json.tmp")
         tmp.write_text(json.dumps(results, indent=1))
         tmp.replace(res_path)
