@@ -464,6 +464,7 @@ def plots(results: dict, summary: dict, cfg: dict, res_dir: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(1, 2, figsize=(12, 4.5))
     for name, rows in summary["methods"].items():
@@ -514,6 +515,7 @@ def plots(results: dict, summary: dict, cfg: dict, res_dir: Path) -> None:
                        capsize=3, label="main runs (frozen lr), all seeds × iterations")
         a.set(xlabel="α", title=lab, xscale="log")
         a.set_xticks([0.5, 1, 2], ["0.5", "1", "2"])
+        a.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax[0].set_ylabel("ESS / N of the IRIS weights (validation split)")
     ax[0].legend(fontsize=8)
     fig.tight_layout()
