@@ -421,6 +421,10 @@ def summarize(results: dict, cfg: dict) -> dict:
             mu, hw, n = mean_ci(d)
             per_t.append({"iteration": t + 1, "mean": mu, "ci95": hw, "n_seeds": n})
         summary["paired_change_from_theta0"][name] = per_t
+        d = [s["methods"][name][-1]["reverse_kl_valid"] - s["theta0"]["reverse_kl_valid"] for s in seeds.values()
+             if len(s.get("methods", {}).get(name, [])) == T]
+        mu, hw, n = mean_ci(d)
+        summary.setdefault("paired_reverse_change_from_theta0", {})[name] = {"mean": mu, "ci95": hw, "n_seeds": n}
     ref = "iris_adaptive"
     for name in cfg["methods"] + [f"sft_{m}n" for m in cfg["sizes"]]:
         if name == ref:
@@ -550,21 +554,24 @@ def fmt(mu, hw, d=3):
 def table(summary: dict, cfg: dict) -> str:
     T = cfg["iterations"]
     lines = ["| method | seeds | forward KL θ_0 | forward KL θ_T | reverse KL θ_T (valid) | invalid θ_T | "
-             "test NLL/token θ_T | fwd KL θ_T − θ_0 (paired) | Δ fwd KL vs IRIS-adaptive (IRIS − other) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "test NLL/token θ_T | fwd KL θ_T − θ_0 (paired) | rev KL θ_T − θ_0 (paired) | "
+             "Δ fwd KL vs IRIS-adaptive (IRIS − other) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     paired = summary["paired_final_forward_kl_vs_iris_adaptive"]
     for name, rows in summary["methods"].items():
         a, b = rows[0], rows[-1]
         p = paired.get(name, {})
         ch = summary["paired_change_from_theta0"][name][-1]
+        rv = summary.get("paired_reverse_change_from_theta0", {}).get(name, {})
         lines.append(f"| {name} | {b['n_seeds']} | {fmt(a['forward_kl'], a['forward_kl_ci95'])} | "
                      f"{fmt(b['forward_kl'], b['forward_kl_ci95'])} | {fmt(b['reverse_kl_valid'], b['reverse_kl_valid_ci95'])} | "
                      f"{fmt(b['reverse_invalid_frac'], None)} | {fmt(b['test_nll_per_token'], b['test_nll_per_token_ci95'])} | "
-                     f"{fmt(ch['mean'], ch['ci95'])} | {fmt(p.get('iris_minus_other'), p.get('ci95'))} |")
+                     f"{fmt(ch['mean'], ch['ci95'])} | {fmt(rv.get('mean'), rv.get('ci95'), 1)} | "
+                     f"{fmt(p.get('iris_minus_other'), p.get('ci95'))} |")
     for m in cfg["sizes"]:
         r = summary["data_size"][f"sft_{m}n"]
         p = paired.get(f"sft_{m}n", {})
-        lines.append(f"| SFT on {m}n (from init) | {r['n_seeds']} | — | {fmt(r['forward_kl'], r['ci95'])} | — | — | — | — | "
+        lines.append(f"| SFT on {m}n (from init) | {r['n_seeds']} | — | {fmt(r['forward_kl'], r['ci95'])} | — | — | — | — | — | "
                      f"{fmt(p.get('iris_minus_other'), p.get('ci95'))} |")
     lines.append("")
     lines.append(f"Mean ± 95 % t-interval over seeds; θ_T after T = {T} iterations; KL in nats per response; "
