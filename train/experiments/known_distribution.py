@@ -470,7 +470,15 @@ def plots(results: dict, summary: dict, cfg: dict, res_dir: Path) -> None:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    fig, ax = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, ax = plt.subplots(1, 3, figsize=(17, 4.5))
+    for k, (name, per_t) in enumerate(summary.get("paired_change_from_theta0", {}).items()):
+        pts = [(0, 0.0, 0.0)] + [(r["iteration"], r["mean"], r["ci95"] or 0) for r in per_t if r["mean"] is not None]
+        if len(pts) > 1:  # a small horizontal offset per method keeps the intervals apart
+            ax[2].errorbar([x + 0.03 * (k - 3.5) for x, _, _ in pts], [y for _, y, _ in pts], yerr=[e for _, _, e in pts],
+                           marker="o", capsize=3, label=name)
+    ax[2].axhline(0, c="k", lw=0.8)
+    ax[2].set(xlabel="self-play iteration", ylabel="KL(θ_t) − KL(θ_0), paired per seed [nats]",
+              title="forward KL change from θ_0 (same test rows), 95 % CI")
     for name, rows in summary["methods"].items():
         if not rows or rows[0]["n_seeds"] == 0:
             continue
