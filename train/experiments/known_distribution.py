@@ -13,7 +13,7 @@ writes the data, decides what to run, and measures the saved models:
   validation NLL has not improved for ``patience`` iterations; θ_0 is the best iteration's model.
 * from θ_0, T iterations of each method on the same n rows: IRIS adaptive α, IRIS fixed α ∈
   {0.5, 1, 2}, SPIN (β 0.1), SPACE, χ² (β 1), SFT continued (same steps); and SFT on 8n rows from
-  the same random init (validation-stopped like θ_0), plus SFT at 2n and 4n for the data-size curve.
+  the same random init (validation-stopped like θ_0), plus SFT at 2n for the data-size curve.
 * the learning rate of every method is chosen once, on a separate tuning seed, by the validation
   NLL after the tuning iterations, then frozen for every seed.
 * measures of every saved model (cached beside it in ``measure.json``): the forward KL(p_data ‖ p_θ)
