@@ -338,7 +338,9 @@ class SelfPlayLoss(nn.Module):
         """(policy_real, policy_syn, ref_real, ref_syn): the loss's four inputs, validated.
 
         Arguments as :meth:`forward`. For SFT without a reference the last two are None, and so
-        is policy_syn when the batch has no synthetic row. Use it for ``StepNormalizer.observe``.
+        is policy_syn when the batch has no synthetic row. For the statistics pass of gradient
+        accumulation use :meth:`observe`, not ``StepNormalizer.observe(*split_logps(...))``: it also
+        records the per-batch keywords the loss call uses (SFT's token counts).
         """
         return self._split(
             hidden, weight, labels, is_real, num_real, ref_logps, ref_hidden, ref_weight, bias, ref_bias, cu_seqlens

@@ -61,8 +61,8 @@ def build_criterion(cfg: LossConfig, alpha_schedule, softcap=None) -> SelfPlayLo
 
 
 class PolicyLoss(nn.Module):
-    """forward(batch) -> (loss, metrics), or the four per-sequence log-prob tensors with
-    ``logps_only=True`` (the statistics pass of gradient accumulation)."""
+    """forward(batch) -> (loss, metrics); with ``normalizer=`` it records the batch in that
+    StepNormalizer instead and returns None (the statistics pass of gradient accumulation)."""
 
     def __init__(self, model, criterion: SelfPlayLoss):
         super().__init__()
@@ -78,13 +78,16 @@ class PolicyLoss(nn.Module):
         return getattr(self.model, "_no_split_modules", None)
 
     def forward(self, input_ids, attention_mask, labels, ref_logps, *, num_real: int, step=None, stats=None,
-                logps_only: bool = False):
+                normalizer=None):
         hidden = body_hidden_states(self.model, input_ids, attention_mask)
         hidden, weight, bias, softcap = output_projection(self.model, hidden)
         if softcap is not None and self.criterion.softcap != softcap:
             raise ValueError(f"the model caps its logits at {softcap}; SelfPlayLoss must use softcap={softcap}")
-        if logps_only:
-            return self.criterion.split_logps(hidden, weight, labels, num_real=num_real, ref_logps=ref_logps, bias=bias)
+        if normalizer is not None:
+            # criterion.observe, not StepNormalizer.observe(*split_logps(...)): it also records the
+            # per-batch keywords a loss needs (SFT's token counts), as the loss call will use them.
+            self.criterion.observe(normalizer, hidden, weight, labels, num_real=num_real, ref_logps=ref_logps, bias=bias)
+            return None
         return self.criterion(hidden, weight, labels, num_real=num_real, ref_logps=ref_logps, bias=bias,
                               step=step, stats=stats)
 
@@ -126,7 +129,7 @@ class Objective:
             norm = self.criterion.make_step_normalizer(step=step)
             with torch.no_grad(), autocast():
                 for mb in micro_batches:
-                    norm.observe(*wrapped(**mb, num_real=mb["ref_logps"].shape[0] // 2, logps_only=True))
+                    wrapped(**mb, num_real=mb["ref_logps"].shape[0] // 2, normalizer=norm)
             stats = norm.stats
         total = None
         for a, mb in enumerate(micro_batches):
