@@ -108,6 +108,22 @@ def _row_vectors(grad_logp, grad_lse, grad_entropy, targets, V, params, n):
     return c_lp.contiguous(), c_lse, c_ent
 
 
+def _compaction(targets, params: LogprobsParams):
+    """(rows, n_valid) for ``params.compact``, else (None, None).
+
+    rows: the scored rows first (``compact_order``), cut to ``params.num_valid`` when the caller
+    gives that count (then n_valid is None); otherwise all N rows with n_valid the device-resident
+    int64 count of scored rows. Forward and backward call it with the same targets, so they see the
+    same permutation.
+    """
+    if not params.compact:
+        return None, None
+    perm, count = compact_order(targets != params.ignore_index)
+    if params.num_valid is not None:
+        return perm[: params.num_valid], None
+    return perm, count
+
+
 class TritonLinearLogprobs(torch.autograd.Function):
     """hidden [N, H], weight [V, H] (row-contiguous), targets [N], bias [V] | None -> fp32 [N] x 3."""
 
@@ -116,14 +132,9 @@ class TritonLinearLogprobs(torch.autograd.Function):
         N = hidden.shape[0]
         V = weight.shape[0]
         upcast = interpreting()
-        rows = n_valid = None
+        rows, n_valid = _compaction(targets, params)
         h_run, t_run = hidden, targets
-        if params.compact:
-            perm, count = compact_order(targets != params.ignore_index)
-            if params.num_valid is not None:
-                rows = perm[: params.num_valid]
-            else:
-                rows, n_valid = perm, count
+        if rows is not None:
             h_run, t_run = hidden.index_select(0, rows), targets.index_select(0, rows)
         if h_run.shape[0] == 0:  # num_valid = 0: nothing to launch
             empty = torch.zeros(0, dtype=torch.float32, device=hidden.device)
@@ -172,14 +183,8 @@ class TritonLinearLogprobs(torch.autograd.Function):
         N, H = hidden.shape
         V = weight.shape[0]
         c_lp, c_lse, c_ent = _row_vectors(grad_logp, grad_lse, grad_entropy, targets, V, params, N)
-        rows = n_valid = None
-        if params.compact:
-            # The same permutation as the forward (recomputed: N int64, cheaper than saving it).
-            perm, count = compact_order(targets != params.ignore_index)
-            if params.num_valid is not None:
-                rows = perm[: params.num_valid]
-            else:
-                rows, n_valid = perm, count
+        # The same permutation as the forward (recomputed: N int64, cheaper than saving it).
+        rows, n_valid = _compaction(targets, params)
         if params.bwd == "atomic":
             grads = _atomic_backward(hidden, weight, targets, bias, lse, lse_lo, entropy_rows, c_lp, c_lse, c_ent,
                                      rows, n_valid, need_h, need_w, need_b, params)

@@ -15,7 +15,6 @@ own running scale, so an element whose gradient is mostly cancellation (|g| ~ 1e
 so the comparison at 1e-5 tests the sharding, not Adam's amplification of rounding.
 """
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -25,6 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+
+from selfplay_env import selfplay_env as _env
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "train" / "selfplay.py"
@@ -38,15 +39,6 @@ COMMON = ["--data.max_train_prompts", str(N_TRAIN), "--data.max_eval_prompts", s
 TOL = 1e-5
 UNITS = "rank 1: 3 FSDP2 units"  # printed by the shim after accelerate's fsdp2_prepare_model
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(300)]
-
-
-def _env(**extra):
-    env = dict(os.environ)
-    env.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"})
-    for k in ("IRIS_SELFPLAY_KILL_AT", "IRIS_SELFPLAY_NAN_STEPS"):
-        env.pop(k, None)
-    env.update(extra)
-    return env
 
 
 def _free_port():

@@ -1,7 +1,6 @@
 """train/selfplay.py end to end on the tiny-cpu preset: two iterations, a 2-process run, crashes
 during generation and training followed by a rerun, NaN steps, and bad input."""
 import math
-import os
 import signal
 import socket
 import subprocess
@@ -17,6 +16,7 @@ if str(ROOT) not in sys.path:
 
 from train.config import ConfigError  # noqa: E402
 from train.io_utils import read_jsonl  # noqa: E402
+from selfplay_env import selfplay_env as _env  # noqa: E402
 
 SCRIPT = ROOT / "train" / "selfplay.py"
 PRESET = ROOT / "train" / "configs" / "tiny-cpu.yaml"
@@ -26,15 +26,6 @@ FAST = ["--data.max_train_prompts", str(N_TRAIN), "--data.max_eval_prompts", str
         "--train.iterations", "2", "--train.save_steps", "2", "--generation.shard_size", "16",
         "--generation.batch_size", "8"]
 pytestmark = pytest.mark.timeout(300)
-
-
-def _env(**extra):
-    env = dict(os.environ)
-    env.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"})
-    env.pop("IRIS_SELFPLAY_KILL_AT", None)
-    env.pop("IRIS_SELFPLAY_NAN_STEPS", None)
-    env.update(extra)
-    return env
 
 
 def _run(out, *extra, env=None, launcher=None):

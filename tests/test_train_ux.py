@@ -2,7 +2,6 @@
 start-up failure that leaves no trace, the eval legend, and checkpoints of tied weights saved
 without accelerate's shared-tensor notice."""
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from train import selfplay  # noqa: E402
 from train.config import ConfigError, flatten, Config, load_config, suggest_key, usage_text  # noqa: E402
 from train.io_utils import append_jsonl  # noqa: E402
 from train.shards import run_sharded  # noqa: E402
+from selfplay_env import selfplay_env as _env  # noqa: E402
 
 SCRIPT = ROOT / "train" / "selfplay.py"
 PRESET = ROOT / "train" / "configs" / "tiny-cpu.yaml"
@@ -25,15 +25,6 @@ FAST = ["--data.max_train_prompts", "32", "--data.max_eval_prompts", "16", "--tr
         "--train.iterations", "1", "--train.save_steps", "2", "--generation.shard_size", "16",
         "--generation.batch_size", "8"]
 pytestmark = pytest.mark.timeout(300)
-
-
-def _env(**extra):
-    env = dict(os.environ)
-    env.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"})
-    env.pop("IRIS_SELFPLAY_KILL_AT", None)
-    env.pop("IRIS_SELFPLAY_NAN_STEPS", None)
-    env.update(extra)
-    return env
 
 
 def _run(*args, env=None):

@@ -7,19 +7,9 @@ chain factor in fp32, and stores it once, in the input dtype, into the chunk's [
 No atomics touch the workspace: each element has exactly one writer. The two remaining products
 (dHidden = G W and dWeight += G^T h) are cuBLAS calls made by the caller on the workspace.
 
-Gradient (per row k; c_lp, c_lse, c_ent the upstream gradients of log p(y), lse and the entropy
-H_k; p = exp(z - lse) from the saved lse; log p = z - lse):
-    d log p(y) / dz = onehot(y) - p
-    d lse / dz      = p
-    d H_k / dz      = -p (log p + H_k)
-        [H_k = -sum_j p_j log p_j; dH/dz_i = -sum_j (dp_j/dz_i)(log p_j + 1)
-         = -p_i (log p_i + 1) + p_i sum_j p_j (log p_j + 1) = -p_i (log p_i + H_k).
-         This equals -p (z - E_p[z]) exactly, but log p = z - lse and H are both O(1) where z and
-         E_p[z] share a large common offset, so nothing cancels.]
-    g_z = c_lp (onehot - p) + c_lse p - c_ent p (log p + H_k)
-    dz/dr = (1 - tanh^2(r / cap)) / tau, and tanh(r / cap) = z tau / cap (no tanh recomputed).
-The target-class entry (c_lp (1 - p) + ...) is formed in fp32 before the cast to the workspace
-dtype. Rows whose upstream gradients are all exactly zero (ignored rows, padding) and rows at or
+The gradient g (every chain factor in fp32, the target-class entry formed before the cast to the
+workspace dtype) comes from ``logits_grad_tile`` (ops/logits_tile.py, where each formula is
+derived). Rows whose upstream gradients are all exactly zero (ignored rows, padding) and rows at or
 past the device-resident valid-row count write exact zeros: ``0 * NaN`` from a NaN hidden state
 never reaches the workspace. Programs whose whole row block lies past the count store a zero tile
 without recomputing anything.
@@ -31,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .logits_tile import logits_tile
+from .logits_tile import logits_grad_tile, logits_tile
 
 
 @triton.jit
@@ -96,37 +86,11 @@ def logits_grad_kernel(
             stride_hn, stride_wv, inv_temperature, softcap,
             HAS_BIAS, HAS_SOFTCAP, UPCAST, IEEE_DOT, BLOCK_N, BLOCK_V, BLOCK_H,
         )
-        lse = tl.load(lse_ptr + offs_n, mask=n_mask, other=0.0)
-        log_p = z - lse[:, None]
-        if HAS_LSE_LO:
-            # Two steps: lse + lse_lo would round back to lse (log p exact at a large offset).
-            log_p = log_p - tl.load(lse_lo_ptr + offs_n, mask=n_mask, other=0.0)[:, None]
-        p = tl.exp(log_p)
-        c_lp = tl.load(grad_logp_ptr + offs_n, mask=n_mask, other=0.0)
-        tgt = tl.load(targets_ptr + offs_n, mask=n_mask, other=-1).to(tl.int64)
-        # The target's column within this tile as int32 (-1 when elsewhere): a 32-bit compare.
-        v_start = pid_v.to(tl.int64) * BLOCK_V
-        in_tile = (tgt >= v_start) & (tgt < v_start + BLOCK_V)
-        tgt_col = tl.where(in_tile, tgt - v_start, -1).to(tl.int32)
-        hit = tl.arange(0, BLOCK_V)[None, :] == tgt_col[:, None]
-        g = tl.where(hit, c_lp[:, None], 0.0) - c_lp[:, None] * p
-        live = n_mask & (c_lp != 0.0)
-        if HAS_GRAD_LSE:
-            c_lse = tl.load(grad_lse_ptr + offs_n, mask=n_mask, other=0.0)
-            g += c_lse[:, None] * p
-            live = live | (n_mask & (c_lse != 0.0))
-        if HAS_GRAD_ENTROPY:
-            c_ent = tl.load(grad_entropy_ptr + offs_n, mask=n_mask, other=0.0)
-            live = live | (n_mask & (c_ent != 0.0))
-            ent = tl.load(entropy_ptr + offs_n, mask=n_mask, other=0.0)
-            # p = 0 where z = -inf: that term is 0, not 0 * -inf = NaN.
-            g -= c_ent[:, None] * tl.where(p > 0.0, p * (log_p + ent[:, None]), 0.0)
-        if HAS_SOFTCAP:
-            t = z * softcap_scale
-            g = g * (1.0 - t * t)
-        g = g * inv_temperature
-        # Dead rows and padding columns of the tile must add exactly nothing.
-        g = tl.where(live[:, None] & v_mask[None, :], g, 0.0)
+        g, live = logits_grad_tile(
+            z, offs_n, n_mask, pid_v.to(tl.int64) * BLOCK_V, v_mask, targets_ptr, lse_ptr, lse_lo_ptr,
+            entropy_ptr, grad_logp_ptr, grad_lse_ptr, grad_entropy_ptr, inv_temperature, softcap_scale,
+            HAS_SOFTCAP, HAS_LSE_LO, HAS_GRAD_LSE, HAS_GRAD_ENTROPY, BLOCK_V,
+        )
         if NEED_GRAD_BIAS:
             tl.atomic_add(grad_bias_ptr + offs_v, tl.sum(g, axis=0), mask=v_mask, sem="relaxed")
         g = g.to(out_ty)

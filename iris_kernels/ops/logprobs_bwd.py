@@ -11,22 +11,16 @@ The adds are "relaxed": nothing reads the buffers until the kernel ends, so no o
 needed, and the compiler can emit fire-and-forget reductions (red) instead of acquire-release
 atomics that wait for their result. Summation order varies, so results are not bit-reproducible.
 
-Per row k with upstream gradients c_lp (log p of the target), c_lse and c_ent (entropy), and
-log p = (z - lse) - lse_lo, p = exp(log p) from the saved lse, its rounding error lse_lo (exact
-log p at a large common logit offset, see reference.split_lse) and the saved entropy Hk:
-    d logp/dz = onehot(y) - p;  d lse/dz = p;  d Hk/dz = -p (log p + Hk)
-    (Hk = -sum_j p_j log p_j; d(-p_j log p_j)/dz_i = -(1 + log p_j) p_j (delta_ij - p_i), summed
-    over j with sum_j p_j = 1.) It equals -p (z - E_p[z]), but z - E_p[z] cancels at a large
-    common logit offset; log p and Hk are both offset-free.
-    g_z = c_lp (onehot - p) + c_lse p - c_ent p (log p + Hk)
-    dz/dr = (1 - tanh^2(r / cap)) / tau, and tanh(r / cap) = z tau / cap, so no tanh is recomputed.
-Ignored and out-of-range rows arrive with c_lp = 0 (the caller zeroes them).
+The gradient g of each tile (upstream gradients c_lp, c_lse, c_ent of log p(y), lse and the
+entropy; soft-cap and temperature chain factors) comes from ``logits_grad_tile`` in
+ops/logits_tile.py, where each formula is derived. Ignored and out-of-range rows arrive with
+c_lp = 0 (the caller zeroes them).
 """
 import torch
 import triton
 import triton.language as tl
 
-from .logits_tile import logits_tile
+from .logits_tile import logits_grad_tile, logits_tile
 
 
 @triton.jit
@@ -87,36 +81,14 @@ def logprobs_bwd_kernel(
         stride_hn, stride_wv, inv_temperature, softcap,
         HAS_BIAS, HAS_SOFTCAP, UPCAST, IEEE_DOT, BLOCK_N, BLOCK_V, BLOCK_H,
     )
-    lse = tl.load(lse_ptr + offs_n, mask=n_mask, other=0.0)
-    log_p = z - lse[:, None]
-    if HAS_LSE_LO:
-        # Two steps: lse + lse_lo would round back to lse.
-        log_p = log_p - tl.load(lse_lo_ptr + offs_n, mask=n_mask, other=0.0)[:, None]
-    p = tl.exp(log_p)
-    c_lp = tl.load(grad_logp_ptr + offs_n, mask=n_mask, other=0.0)
-    tgt = tl.load(targets_ptr + offs_n, mask=n_mask, other=-1).to(tl.int64)
-    hit = offs_v[None, :] == tgt[:, None]
-    g = tl.where(hit, c_lp[:, None], 0.0) - c_lp[:, None] * p
     # Rows with no upstream gradient (ignored targets, padding) must add exactly nothing, even if
-    # their hidden state is NaN (a fully masked attention row): they are masked out of g and out
-    # of the hidden-state loads below, so 0 * NaN never reaches dW.
-    live = n_mask & (c_lp != 0.0)
-    if HAS_GRAD_LSE:
-        c_lse = tl.load(grad_lse_ptr + offs_n, mask=n_mask, other=0.0)
-        g += c_lse[:, None] * p
-        live = live | (c_lse != 0.0)
-    if HAS_GRAD_ENTROPY:
-        c_ent = tl.load(grad_entropy_ptr + offs_n, mask=n_mask, other=0.0)
-        live = live | (c_ent != 0.0)
-        ent = tl.load(entropy_ptr + offs_n, mask=n_mask, other=0.0)
-        # p = 0 where z = -inf: that term is 0, not 0 * inf = NaN.
-        g -= c_ent[:, None] * tl.where(p > 0.0, p * (log_p + ent[:, None]), 0.0)
-    if HAS_SOFTCAP:
-        t = z * softcap_scale
-        g = g * (1.0 - t * t)
-    g = g * inv_temperature
-    # Padding rows/columns of the tile hold garbage (p of a zero row); they must add nothing.
-    g = tl.where(live[:, None] & v_mask[None, :], g, 0.0)
+    # their hidden state is NaN (a fully masked attention row): they are masked out of g and, by
+    # live, out of the hidden-state loads below, so 0 * NaN never reaches dW.
+    g, live = logits_grad_tile(
+        z, offs_n, n_mask, pid_v.to(tl.int64) * BLOCK_V, v_mask, targets_ptr, lse_ptr, lse_lo_ptr,
+        entropy_ptr, grad_logp_ptr, grad_lse_ptr, grad_entropy_ptr, inv_temperature, softcap_scale,
+        HAS_SOFTCAP, HAS_LSE_LO, HAS_GRAD_LSE, HAS_GRAD_ENTROPY, BLOCK_V,
+    )
 
     if NEED_GRAD_BIAS:
         tl.atomic_add(grad_bias_ptr + offs_v, tl.sum(g, axis=0), mask=v_mask, sem="relaxed")
