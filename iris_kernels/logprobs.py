@@ -244,6 +244,13 @@ def linear_logprobs(
                 empty = empty + t.sum().to(empty.dtype) * 0.0
         logp, lse, entropy = empty, empty.detach(), empty if return_entropy else None
     elif which is Backend.REFERENCE:
+        if not return_lse:
+            # An ignored row's outputs are constants (log p = 0, entropy = 0) unless its lse is
+            # asked for: keep its hidden state out of the product, so that a NaN there (a fully
+            # masked padding row) cannot reach the gradients through 0 * NaN, as in the fused
+            # backends, which skip rows without an upstream gradient.
+            scored = (flat_targets != ignore_index)[:, None]
+            flat_hidden = torch.where(scored, flat_hidden, torch.zeros((), dtype=flat_hidden.dtype, device=flat_hidden.device))
         logp, lse, entropy = reference_linear_logprobs(flat_hidden, weight, flat_targets, bias, params)
     else:
         if which is Backend.TRITON:

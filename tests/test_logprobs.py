@@ -368,7 +368,7 @@ def test_no_logits_sized_buffer_is_saved_by_the_torch_backend():
     assert max(t.numel() for t in saved) < 64 * 500
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_hidden_state_at_an_ignored_position_does_not_poison_gradients(backend):
     # A fully masked attention row can produce a NaN hidden state at a padding position; it has no
     # influence on any output, so it must not turn the whole lm_head gradient into NaN.
