@@ -178,7 +178,13 @@ def test_startup_failure_leaves_no_resume_trace_then_resume_messages(tmp_path):
 
     # 4) Once more: everything is done.
     proc = _run("--config", str(PRESET), "--output_dir", str(out), *FAST)
-    assert proc.returncode == 0 and "all 1 iterations are done" in proc.stdout + proc.stderr
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "all 1 iterations are done" in text and "not applied" not in text
+    # 5) A finished run asked for other settings says they were not applied (not silence).
+    proc = _run("--config", str(PRESET), "--output_dir", str(out), *FAST, "--seed", "7")
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "all 1 iterations are done" in text
+    assert "other values of seed" in text and "not applied" in text
 
 
 # ----------------------------------------------------------------------------- tied-weight notice

@@ -48,19 +48,24 @@ from train.shards import load_sharded, run_sharded
 from train.trl_export import write_trl_pairs
 
 
+def changed_config_keys(out: Path, cfg) -> list:
+    """The keys whose values differ from the run's recorded config.yaml (none without one)."""
+    path = out / "config.yaml"
+    if not path.exists():
+        return []
+    import yaml
+
+    old = flatten(yaml.safe_load(path.read_text()) or {})
+    new = flatten(cfg.to_dict())
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
 def record_config(out: Path, cfg, log) -> None:
     """Keep the resolved config beside the run; on resume, say which keys changed."""
-    path = out / "config.yaml"
-    text = dump_config(cfg)
-    if path.exists():
-        import yaml
-
-        old = flatten(yaml.safe_load(path.read_text()) or {})
-        new = flatten(cfg.to_dict())
-        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        if changed:
-            log(f"warning: resuming with changed config keys: {', '.join(changed)}")
-    atomic_write_text(path, text)
+    changed = changed_config_keys(out, cfg)
+    if changed:
+        log(f"warning: resuming with changed config keys: {', '.join(changed)}")
+    atomic_write_text(out / "config.yaml", dump_config(cfg))
 
 
 INTERRUPTED = "interrupted; run the same command to resume"
@@ -98,6 +103,11 @@ def main(argv=None) -> None:
     start = next((t for t in range(iterations) if not (out / f"iter_{t}" / "DONE").exists()), iterations)
     if start == iterations:
         log(f"all {iterations} iterations are done in {out}; raise --train.iterations to continue")
+        changed = changed_config_keys(out, cfg)
+        if changed:
+            # Nothing runs, so nothing of the new settings takes effect: say so rather than stay silent.
+            log(f"warning: the run was made with other values of {', '.join(changed)}; they were not applied "
+                f"(use a new --output_dir to run with them)")
         return
     tokenizer = load_tokenizer(cfg.model)
     trained_already = (out / f"iter_{start}" / "TRAINED").exists()
