@@ -92,6 +92,15 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
     assert err.strip() == "interrupted; run the same command to resume"
 
 
+def test_config_mistake_is_one_line_and_exit_2(tmp_path, capsys):
+    rc = selfplay.cli(["--config", str(PRESET), "--output_dir", str(tmp_path / "run"), "--optim.learning_rate", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("selfplay: error: unknown config key 'optim.learning_rate'; did you mean 'optim.lr'?")
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
 def test_sigint_in_a_real_run(tmp_path):
     """SIGINT while the run is generating: one line on stderr, no traceback, status 130."""
     out = tmp_path / "run"

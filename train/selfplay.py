@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from train.checkpoint import (Progress, load_iteration_state, load_training_checkpoint, read_training_progress,
                               remove_training_checkpoint, save_iteration_state, save_training_checkpoint)
-from train.config import dump_config, flatten, parse_cli, usage_text, wants_help
+from train.config import ConfigError, dump_config, flatten, parse_cli, usage_text, wants_help
 from train.data import build_examples, load_rows, step_micro_batches, stop_token_ids
 from train.evaluation import evaluate, lm_eval_scores
 from train.faults import maybe_kill
@@ -391,12 +391,16 @@ def format_metrics(m: dict) -> str:
 
 def cli(argv=None) -> int:
     """The command-line entry: Ctrl-C ends the run with one line (the run resumes from where it
-    stopped, so a traceback would only hide that) and the shell's usual status for SIGINT, 130."""
+    stopped, so a traceback would only hide that) and the shell's usual status for SIGINT, 130;
+    a mistake in the config or the command line is one line too, with status 2 (as argparse)."""
     try:
         main(argv)
     except KeyboardInterrupt:
         print(f"\n{INTERRUPTED}", file=sys.stderr, flush=True)
         return 130
+    except ConfigError as err:
+        print(f"selfplay: error: {err}", file=sys.stderr, flush=True)
+        return 2
     return 0
 
 
