@@ -210,7 +210,8 @@ class _TiltedRisk(torch.autograd.Function):
         w = _tilted_weights_torch(x.detach(), t, stats)
         if torch.is_grad_enabled() and x.requires_grad:
             finite = torch.where(torch.isfinite(x), x, torch.zeros_like(x)).to(t.dtype)
-            delta = _tilt(finite, t) - _tilt(finite, t).detach()
+            tilted = _tilt(finite, t)
+            delta = tilted - tilted.detach()
             # Non-finite weights (an infinite ℓ) keep their first-order value; they must not
             # turn the (zero-valued) sum into NaN for every entry.
             w_finite = torch.where(torch.isfinite(w), w, torch.zeros_like(w))
