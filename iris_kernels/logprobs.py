@@ -15,7 +15,7 @@ from .reference import reference_linear_logprobs
 from .custom_ops import apply_backend
 from .sharding import full_weights
 from .tuning import BACKWARDS, auto_choice
-from .types import Backend, LinearLogprobsOutput, LogprobsParams, accumulation_dtype
+from .types import Backend, LinearLogprobsOutput, LogprobsParams, accumulation_dtype, is_finite_number
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -32,7 +32,7 @@ def _check_positive_float(name: str, value) -> float:
     if isinstance(value, torch.Tensor) or not isinstance(value, (int, float)) or isinstance(value, bool):
         raise TypeError(f"{name} must be a Python float, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value) or value <= 0:
+    if not (is_finite_number(value) and value > 0):
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
     return value
 
