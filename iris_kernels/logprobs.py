@@ -15,7 +15,7 @@ from .reference import reference_linear_logprobs
 from .custom_ops import apply_backend
 from .sharding import full_weights
 from .tuning import BACKWARDS, auto_choice
-from .types import Backend, LinearLogprobsOutput, LogprobsParams, accumulation_dtype, is_finite_number
+from .types import Backend, LinearLogprobsOutput, LogprobsParams, accumulation_dtype
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -32,7 +32,12 @@ def _check_positive_float(name: str, value) -> float:
     if isinstance(value, torch.Tensor) or not isinstance(value, (int, float)) or isinstance(value, bool):
         raise TypeError(f"{name} must be a Python float, got {type(value).__name__}")
     value = float(value)
-    if not (is_finite_number(value) and value > 0):
+    # Under torch.compile a float that changes between calls is symbolic: math.isfinite on it is
+    # a graph break (an error with fullgraph=True). The fused backends check the value in their
+    # custom op's body (custom_ops.py), which runs on concrete values; see linear_logprobs.
+    if torch.compiler.is_compiling():
+        return value
+    if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
     return value
 
@@ -150,7 +155,10 @@ def linear_logprobs(
         targets: integer tensor with hidden's leading shape.
         bias: optional [V].
         temperature: > 0; divides the (soft-capped) logits.
-        softcap: optional > 0 logit soft-cap.
+        softcap: optional > 0 logit soft-cap. Under ``torch.compile`` both are checked by the
+            fused op's body at run time, not while tracing (a float that changes between calls
+            is symbolic there; no graph break); a new value of either recompiles (they are
+            scalar arguments of the custom op). ``backend="reference"`` is not checked there.
         ignore_index: positions with this target give exactly 0.0 and no gradient.
         return_lse / return_entropy: also return the log-sum-exp / the entropy per position
             (both differentiable); the result is then a ``LinearLogprobsOutput``.

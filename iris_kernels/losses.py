@@ -29,7 +29,6 @@ from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Tuple, Un
 import torch
 
 from .double_backward import no_double_backward
-from .types import is_finite_number
 from .distributed import (
     COUNT,
     DENOMINATOR,
@@ -252,9 +251,13 @@ def _as_t(name: str, t: Union[float, torch.Tensor], device: torch.device) -> tor
         return t.detach().to(device=device, dtype=acc, non_blocking=device.type != "cpu")
     if isinstance(t, bool) or not isinstance(t, (int, float)):
         raise TypeError(f"{name} must be a Python float or a 0-dim tensor, got {type(t).__name__}")
-    if not is_finite_number(t):
+    if not torch.compiler.is_compiling() and not math.isfinite(t):  # see _value_checks
         raise ValueError(f"{name} must be finite, got {t}")
     # torch.full launches a fill kernel with t as an argument: no host-to-device copy to wait for.
+    if torch.compiler.is_compiling():
+        # A symbolic t as torch.full's fill value is specialised (one recompilation per new α);
+        # as a tensor-arithmetic operand it stays a graph input. 0 + t is exact.
+        return torch.zeros((), dtype=acc, device=device) + t
     return torch.full((), float(t), dtype=acc, device=device)
 
 
@@ -429,10 +432,19 @@ def _check_options(scope: Any, backend: Any) -> None:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
 
 
+def _value_checks() -> bool:
+    """False while torch.compile traces: a float that changes between calls is a symbolic float
+    there, on which math.isfinite is a graph break (an error under fullgraph=True) and a
+    comparison a guard that recompiles for every new value. So under tracing the Python-float
+    hyper-parameters (α, β, μ, t) are type-checked only; a negative or non-finite α turns the
+    loss and its gradients into NaN instead (as a tensor α always does)."""
+    return not torch.compiler.is_compiling()
+
+
 def _check_positive(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a Python float, got {type(value).__name__}")
-    if not (is_finite_number(value) and value > 0):
+    if _value_checks() and not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
     return float(value)
 
@@ -458,15 +470,17 @@ def _detached(metrics: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 def _iris_terms(policy_real, policy_syn, ref_real, ref_syn, *, alpha, beta: float = 1.0):
     _check_inputs(policy_real, policy_syn, ref_real, ref_syn)
     beta = _check_positive("beta", beta)
-    if isinstance(alpha, torch.Tensor):
+    if isinstance(alpha, torch.Tensor) or not _value_checks():
+        if not isinstance(alpha, torch.Tensor) and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))):
+            raise TypeError(f"alpha must be a Python float or a 0-dim tensor, got {type(alpha).__name__}")
         alpha_t = _as_t("alpha", alpha, policy_real.device)
         # A tensor α cannot be sign-checked without a host sync; a negative one poisons the tilt
         # with NaN instead, so the loss and every gradient come out NaN (never silently wrong).
-        alpha_t = torch.where(alpha_t < 0, torch.full_like(alpha_t, float("nan")), alpha_t)
+        alpha_t = torch.where((alpha_t < 0) | ~torch.isfinite(alpha_t), torch.full_like(alpha_t, float("nan")), alpha_t)
     else:
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
             raise TypeError(f"alpha must be a Python float or a 0-dim tensor, got {type(alpha).__name__}")
-        if not (is_finite_number(alpha) and alpha >= 0):
+        if not (math.isfinite(alpha) and alpha >= 0):
             raise ValueError(f"alpha must be a finite number >= 0 (alpha < 0 swaps the roles of the terms), got {alpha}")
         alpha_t = _as_t("alpha", alpha, policy_real.device)
     g_real = _log_ratio(policy_real, ref_real, beta)
@@ -854,7 +868,7 @@ def check_loss_hparams(name: str, hparams: Mapping[str, Any], *, partial: bool =
         if key == "alpha" and not isinstance(value, torch.Tensor):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"alpha must be a Python float or a 0-dim tensor, got {type(value).__name__}")
-            if not (is_finite_number(value) and value >= 0):
+            if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"alpha must be a finite number >= 0, got {value}")
         elif key in ("beta", "mu"):
             _check_positive(key, value)

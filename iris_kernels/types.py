@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import enum
-import math
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
@@ -59,15 +58,3 @@ class LinearLogprobsOutput(NamedTuple):
     logprobs: torch.Tensor
     lse: Optional[torch.Tensor]
     entropy: Optional[torch.Tensor]
-
-
-def is_finite_number(value) -> bool:
-    """math.isfinite for Python numbers that also traces under torch.compile (issue 19).
-
-    A float argument that changes between calls of a compiled function reaches the code as a
-    symbolic float (``torch.SymFloat``), on which ``math.isfinite`` is a graph break (an error with
-    ``fullgraph=True``). Comparisons are traceable (dynamo records them as guards, true for every
-    valid value, so they cause no recompilation), and ``-inf < x < inf`` is False exactly for
-    NaN and ±inf.
-    """
-    return -math.inf < value < math.inf
