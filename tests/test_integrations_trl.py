@@ -34,11 +34,11 @@ def _tokenizer():
     return AutoTokenizer.from_pretrained(str(TOKENIZER))
 
 
-def _model(tok, *, tied: bool, seed: int = 0):
+def _model(tok, *, tied: bool, seed: int = 0, **config):
     cfg = LlamaConfig(
         vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
         num_key_value_heads=1, max_position_embeddings=128, pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id, bos_token_id=None, tie_word_embeddings=tied,
+        eos_token_id=tok.eos_token_id, bos_token_id=None, tie_word_embeddings=tied, **config,
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(cfg)
@@ -156,6 +156,23 @@ def test_first_step_at_reference(tmp_path, loss_name, expected):
         assert first["iris/alpha"] == 1.0 and first["iris/real/ess"] == pytest.approx(4.0)
         for key in ("iris/real/kappa", "iris/syn/kappa", "iris/real/max_weight", "iris/syn/ess", "rewards/margins"):
             assert key in first
+
+
+@pytest.mark.parametrize("disable_dropout", [True, False])
+def test_first_step_with_attention_dropout_in_the_config(tmp_path, disable_dropout):
+    # A Llama with attention_dropout 0.1 (a functional dropout TRL's own helper leaves on): the
+    # reference is scored without dropout, so only a dropout-free policy gives g = 0 exactly.
+    tok = _tokenizer()
+    model = _model(tok, tied=False, attention_dropout=0.1, attn_implementation="eager")
+    trainer = SelfPlayTrainer(model, args=_args(tmp_path, loss_name="iris", precompute_ref_log_probs=True,
+                                                disable_dropout=disable_dropout),
+                              train_dataset=_rows(), processing_class=tok)
+    trainer.train()
+    first = trainer.state.log_history[0]
+    if disable_dropout:
+        assert first["loss"] == 0.0
+    else:  # dropout kept, as asked: the documented cost
+        assert abs(first["loss"]) > 1e-4
 
 
 # ----------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from iris_kernels.integrations.dropout import disable_dropout
 from train.checkpoint import (Progress, load_iteration_state, load_training_checkpoint, read_training_progress,
                               remove_training_checkpoint, save_iteration_state, save_training_checkpoint)
 from train.config import ConfigError, dump_config, flatten, parse_cli, usage_text, wants_help
@@ -261,6 +262,9 @@ def main(argv=None) -> None:
                 log(f"iteration {t}: resuming training at step {progress.step_in_iteration}/{steps_per_iteration} "
                     f"from the checkpoint in {it / 'checkpoint'}")
             model.train()
+            if not cfg.train.keep_dropout:
+                # The reference was scored without dropout: with it, g != 0 at θ = θ_t.
+                disable_dropout(model)
             bar = tqdm(total=steps_per_iteration, initial=progress.step_in_iteration, desc=f"iter {t} train",
                        disable=not is_main, dynamic_ncols=True)
             while progress.step_in_iteration < steps_per_iteration:
