@@ -43,7 +43,7 @@ from train.metrics import MetricsLog
 from train.modeling import (SequenceLogprobs, build_initial_model, load_checkpoint_model, load_tokenizer,
                             save_model)
 from train.objective import Objective, build_alpha_schedule
-from train.optim import lr_for_iteration, make_optimizer, warmup_linear_decay
+from train.optim import lr_for_iteration, make_optimizer, step_or_skip, warmup_linear_decay
 from train.scoring import reference_logprobs
 from train.shards import load_sharded, run_sharded
 from train.trl_export import write_trl_pairs
@@ -286,15 +286,10 @@ def main(argv=None) -> None:
                     grad_norm = torch.zeros(())
                 if hasattr(grad_norm, "full_tensor"):  # FSDP2: the norm of DTensor gradients is a DTensor
                     grad_norm = grad_norm.full_tensor()
-                # One host sync per optimizer step: skipping a non-finite step needs a decision, and
-                # every rank must take the same one (all-reduced), or the processes would diverge.
-                bad = (~torch.isfinite(loss.detach().float()) | ~torch.isfinite(grad_norm.detach().float())).float()
-                skipped = bool(accelerator.reduce(bad.reshape(1).to(accelerator.device), "sum").item() > 0)
-                if skipped:
-                    progress.nan_streak += 1
-                else:
-                    optimizer.step()
-                    progress.nan_streak = 0
+                # Every rank takes the same decision (all-reduced), or the processes would diverge;
+                # a skipped step still lets an fp16 loss scaler back off (optim.step_or_skip).
+                skipped = step_or_skip(accelerator, optimizer, loss, grad_norm)
+                progress.nan_streak = progress.nan_streak + 1 if skipped else 0
                 optimizer.zero_grad(set_to_none=True)
                 lr = lr_scheduler.get_last_lr()[0]
                 lr_scheduler.step()
