@@ -69,6 +69,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from ..logprobs import sequence_logprobs
 from ..module import SelfPlayLoss
 from ..schedules import GapAdaptiveAlpha, make_schedule
+from .adapters import head_weight
 from .dropout import disable_dropout
 
 __all__ = ["SelfPlayConfig", "SelfPlayTrainer", "SELFPLAY_LOSSES", "STATE_FILE"]
@@ -255,7 +256,9 @@ def install_iris_head(model, *, length_normalize: bool, backend: str) -> None:
         labels = iris_labels.to(weight.device)
         # ZeRO-3 keeps the head partitioned outside its own module's forward; gather it for the
         # op (a null context otherwise). DTensor (FSDP2) weights are the op's own business.
-        with maybe_gather_lm_head_ctx(weight, bias):
+        with maybe_gather_lm_head_ctx(*[p for p in head.parameters() if p is not None]):
+            # A PEFT (LoRA) adapter on the lm_head: its effective weight, or a ValueError naming it.
+            weight, bias = head_weight(head, "lm_head")
             if weight.dtype != hidden.dtype:  # autocast: the body ran in the autocast dtype
                 weight = weight.to(hidden.dtype)
                 bias = None if bias is None else bias.to(hidden.dtype)
