@@ -190,7 +190,10 @@ def linear_logprobs(
 
     Numerics (every backend): logits from bf16/fp16 inputs are accumulated and kept in fp32; log p
     and the entropy are computed from logits shifted per row, so a common logit offset costs no
-    accuracy. Second derivatives (create_graph=True, then differentiating again): exact on
+    accuracy. NaN in a row's inputs gives NaN; so does a +inf logit (an inf in the hidden state,
+    weight or bias without a soft-cap): log p = z - lse is inf - inf there (NaN for log p, lse
+    and the entropy on every backend). With a soft-cap such logits are finite (+-cap). Inside
+    ``torch.autocast`` the results are the same as outside (the op fixes its own dtypes). Second derivatives (create_graph=True, then differentiating again): exact on
     ``backend="reference"``; "torch" and "triton" raise a RuntimeError at the second
     differentiation (their first backward is unaffected).
     """

@@ -149,7 +149,11 @@ def reference_linear_logprobs(
     # every derivative): z - m is exact in fp32 (Sterbenz) and small, so log p = (z - m) - log S
     # carries no rounding error of the size of a common logit offset, as z - lse would.
     top = z.detach().amax(dim=-1, keepdim=True)
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    # A row of -inf logits shifts by 0 (lse = -inf). A +inf logit (an inf in the hidden state,
+    # weight or bias, without a soft-cap) keeps its +inf shift, so the row is NaN (log p, lse,
+    # entropy) as on the fused backends: z - lse is inf - inf there, whose limit depends on which
+    # logits tie at +inf; the online log-sum-exp of the kernels gives NaN, and so does this.
+    top = torch.where(torch.isneginf(top), torch.zeros_like(top), top)
     shifted = z - top
     log_sum = torch.logsumexp(shifted, dim=-1, keepdim=True)
     logp_all = shifted - log_sum
