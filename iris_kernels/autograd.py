@@ -25,6 +25,7 @@ import os
 
 import torch
 
+from .amp import no_autocast
 from .chunked import valid_rows
 from .compaction import compact_order
 from .ops.logits_grad import logits_grad
@@ -128,6 +129,7 @@ class TritonLinearLogprobs(torch.autograd.Function):
     """hidden [N, H], weight [V, H] (row-contiguous), targets [N], bias [V] | None -> fp32 [N] x 3."""
 
     @staticmethod
+    @no_autocast  # the products fix their own dtypes (amp.py)
     def forward(ctx, hidden, weight, targets, bias, params: LogprobsParams):
         N = hidden.shape[0]
         V = weight.shape[0]
@@ -175,6 +177,7 @@ class TritonLinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     @no_double_backward("triton", supported_by="reference")
+    @no_autocast
     def backward(ctx, grad_logp, grad_lse, grad_entropy):
         hidden, weight, targets, bias, lse, lse_lo, entropy_rows = ctx.saved_tensors
         params: LogprobsParams = ctx.params

@@ -23,6 +23,7 @@ from typing import Optional
 
 import torch
 
+from .amp import no_autocast
 from .double_backward import no_double_backward
 from .reference import (
     entropy_from_shifted_sums,
@@ -137,6 +138,7 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
     """hidden [N, H], weight [V, H], targets [N], bias [V] | None -> (logp, lse, entropy) fp32 [N]."""
 
     @staticmethod
+    @no_autocast  # the chunk products fix their own dtypes (amp.py)
     def forward(ctx, hidden, weight, targets, bias, params: LogprobsParams):
         N, V = hidden.shape[0], weight.shape[0]
         chunk = chunk_size_for(V, params, hidden.device)
@@ -182,6 +184,7 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     @no_double_backward("torch", supported_by="reference")
+    @no_autocast
     def backward(ctx, grad_logp, grad_lse, grad_entropy):
         hidden, weight, targets, bias, lse, lse_lo, entropy_rows = ctx.saved_tensors
         params: LogprobsParams = ctx.params

@@ -25,6 +25,7 @@ The ops are not differentiable twice: the backward op's own backward raises a cl
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Tuple
 
 import torch
@@ -88,6 +89,12 @@ def linear_logprobs_fwd(
 def _forward(hidden, weight, targets, bias, backend, *scalars):
     ctx = _Ctx()
     params = _params(*scalars)
+    # linear_logprobs skips its value checks of these floats while torch.compile traces (they
+    # may be symbolic there); here they are concrete, so a compiled call still refuses bad ones.
+    for name in ("temperature", "softcap"):
+        value = getattr(params, name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a finite number > 0, got {value}")
     logp, lse, entropy = _FUNCTIONS[backend].forward(ctx, hidden, weight, targets, bias, params)
     saved = ctx.saved_tensors
     if len(saved) != 5 + len(SAVED_EXTRAS[backend]) or saved[4] is not lse:

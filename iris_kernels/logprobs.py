@@ -32,6 +32,11 @@ def _check_positive_float(name: str, value) -> float:
     if isinstance(value, torch.Tensor) or not isinstance(value, (int, float)) or isinstance(value, bool):
         raise TypeError(f"{name} must be a Python float, got {type(value).__name__}")
     value = float(value)
+    # Under torch.compile a float that changes between calls is symbolic: math.isfinite on it is
+    # a graph break (an error with fullgraph=True). The fused backends check the value in their
+    # custom op's body (custom_ops.py), which runs on concrete values; see linear_logprobs.
+    if torch.compiler.is_compiling():
+        return value
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
     return value
@@ -150,7 +155,10 @@ def linear_logprobs(
         targets: integer tensor with hidden's leading shape.
         bias: optional [V].
         temperature: > 0; divides the (soft-capped) logits.
-        softcap: optional > 0 logit soft-cap.
+        softcap: optional > 0 logit soft-cap. Under ``torch.compile`` both are checked by the
+            fused op's body at run time, not while tracing (a float that changes between calls
+            is symbolic there; no graph break); a new value of either recompiles (they are
+            scalar arguments of the custom op). ``backend="reference"`` is not checked there.
         ignore_index: positions with this target give exactly 0.0 and no gradient.
         return_lse / return_entropy: also return the log-sum-exp / the entropy per position
             (both differentiable); the result is then a ``LinearLogprobsOutput``.
@@ -182,7 +190,10 @@ def linear_logprobs(
 
     Numerics (every backend): logits from bf16/fp16 inputs are accumulated and kept in fp32; log p
     and the entropy are computed from logits shifted per row, so a common logit offset costs no
-    accuracy. Second derivatives (create_graph=True, then differentiating again): exact on
+    accuracy. NaN in a row's inputs gives NaN; so does a +inf logit (an inf in the hidden state,
+    weight or bias without a soft-cap): log p = z - lse is inf - inf there (NaN for log p, lse
+    and the entropy on every backend). With a soft-cap such logits are finite (+-cap). Inside
+    ``torch.autocast`` the results are the same as outside (the op fixes its own dtypes). Second derivatives (create_graph=True, then differentiating again): exact on
     ``backend="reference"``; "torch" and "triton" raise a RuntimeError at the second
     differentiation (their first backward is unaffected).
     """

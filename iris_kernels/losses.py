@@ -138,14 +138,19 @@ def _tilted_stats_torch(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     )
 
 
-def kappa_from_stats(stats: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def kappa_from_stats(stats: torch.Tensor, t: torch.Tensor, series_eps: float = SERIES_EPS) -> torch.Tensor:
     """κ_t from a (possibly merged) statistics vector; mirrors the kernel's finalisation.
 
     exact:  κ_t = (TMAX + log SUMEXP − log N)/t         (log-mean-exp with the max shift)
     series: κ_t = mean + t·(M2/(2N) + t·M3/(6N))        (cumulant expansion; exact at t = 0)
+
+    ``series_eps``: SERIES_EPS, passed in by the autograd.Function from its params: the global
+    read inside the traced Function made torch.compile(dynamic=True) fail at a loss's second
+    tilted term (torch 2.13: "lift_tracked_freevar_to_input should not be called on root
+    SubgraphTracer").
     """
     cnt, tmax, sumexp, mean, m2, m3 = (stats[i] for i in (COUNT, TMAX, SUMEXP, MEAN, M2, M3))
-    use_series = (t == 0) | (t.abs() * (stats[LMAX] - stats[LMIN]) <= SERIES_EPS)
+    use_series = (t == 0) | (t.abs() * (stats[LMAX] - stats[LMIN]) <= series_eps)
     t_safe = torch.where(t == 0, torch.ones_like(t), t)  # the exact branch is discarded at t = 0
     exact = (tmax + torch.log(sumexp) - torch.log(cnt)) / t_safe
     series = mean + t * (m2 / (2.0 * cnt) + t * m3 / (6.0 * cnt))
@@ -161,12 +166,13 @@ def _tilted_weights_torch(x: torch.Tensor, t: torch.Tensor, stats: torch.Tensor)
     return torch.where(stats[NANS] > 0, torch.full_like(w, float("nan")), w)
 
 
-def _local_tilted_stats(x: torch.Tensor, t: torch.Tensor, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+def _local_tilted_stats(x: torch.Tensor, t: torch.Tensor, backend: str,
+                        series_eps: float = SERIES_EPS) -> Tuple[torch.Tensor, torch.Tensor]:
     """(κ_t, statistics) of a 1-D batch: one kernel launch on the Triton path."""
     if backend == "triton":
-        return _tilted_ops.tilted_risk_fwd(x, t, SERIES_EPS)
+        return _tilted_ops.tilted_risk_fwd(x, t, series_eps)
     stats = _tilted_stats_torch(x, t)
-    return kappa_from_stats(stats, t), stats
+    return kappa_from_stats(stats, t, series_eps), stats
 
 
 @dataclass(frozen=True)
@@ -174,6 +180,7 @@ class _TiltedParams:
     backend: str
     # Multiplies the gradient only (the value is the scope's κ): undoes data-parallel averaging.
     grad_scale: float = 1.0
+    series_eps: float = SERIES_EPS  # read from here inside the Function (see kappa_from_stats)
 
 
 class _TiltedRisk(torch.autograd.Function):
@@ -186,9 +193,9 @@ class _TiltedRisk(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, t, stats, params: _TiltedParams):
         if stats is None:
-            kappa, stats = _local_tilted_stats(x, t, params.backend)
+            kappa, stats = _local_tilted_stats(x, t, params.backend, params.series_eps)
         else:
-            kappa = kappa_from_stats(stats, t)
+            kappa = kappa_from_stats(stats, t, params.series_eps)
         ctx.save_for_backward(x, t, stats)
         ctx.params = params
         ctx.mark_non_differentiable(stats)
@@ -244,9 +251,13 @@ def _as_t(name: str, t: Union[float, torch.Tensor], device: torch.device) -> tor
         return t.detach().to(device=device, dtype=acc, non_blocking=device.type != "cpu")
     if isinstance(t, bool) or not isinstance(t, (int, float)):
         raise TypeError(f"{name} must be a Python float or a 0-dim tensor, got {type(t).__name__}")
-    if not math.isfinite(t):
+    if not torch.compiler.is_compiling() and not math.isfinite(t):  # see _value_checks
         raise ValueError(f"{name} must be finite, got {t}")
     # torch.full launches a fill kernel with t as an argument: no host-to-device copy to wait for.
+    if torch.compiler.is_compiling():
+        # A symbolic t as torch.full's fill value is specialised (one recompilation per new α);
+        # as a tensor-arithmetic operand it stays a graph input. 0 + t is exact.
+        return torch.zeros((), dtype=acc, device=device) + t
     return torch.full((), float(t), dtype=acc, device=device)
 
 
@@ -421,10 +432,19 @@ def _check_options(scope: Any, backend: Any) -> None:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
 
 
+def _value_checks() -> bool:
+    """False while torch.compile traces: a float that changes between calls is a symbolic float
+    there, on which math.isfinite is a graph break (an error under fullgraph=True) and a
+    comparison a guard that recompiles for every new value. So under tracing the Python-float
+    hyper-parameters (α, β, μ, t) are type-checked only; a negative or non-finite α turns the
+    loss and its gradients into NaN instead (as a tensor α always does)."""
+    return not torch.compiler.is_compiling()
+
+
 def _check_positive(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a Python float, got {type(value).__name__}")
-    if not (math.isfinite(value) and value > 0):
+    if _value_checks() and not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
     return float(value)
 
@@ -450,11 +470,13 @@ def _detached(metrics: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 def _iris_terms(policy_real, policy_syn, ref_real, ref_syn, *, alpha, beta: float = 1.0):
     _check_inputs(policy_real, policy_syn, ref_real, ref_syn)
     beta = _check_positive("beta", beta)
-    if isinstance(alpha, torch.Tensor):
+    if isinstance(alpha, torch.Tensor) or not _value_checks():
+        if not isinstance(alpha, torch.Tensor) and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))):
+            raise TypeError(f"alpha must be a Python float or a 0-dim tensor, got {type(alpha).__name__}")
         alpha_t = _as_t("alpha", alpha, policy_real.device)
         # A tensor α cannot be sign-checked without a host sync; a negative one poisons the tilt
         # with NaN instead, so the loss and every gradient come out NaN (never silently wrong).
-        alpha_t = torch.where(alpha_t < 0, torch.full_like(alpha_t, float("nan")), alpha_t)
+        alpha_t = torch.where((alpha_t < 0) | ~torch.isfinite(alpha_t), torch.full_like(alpha_t, float("nan")), alpha_t)
     else:
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
             raise TypeError(f"alpha must be a Python float or a 0-dim tensor, got {type(alpha).__name__}")

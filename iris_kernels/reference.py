@@ -9,6 +9,7 @@ from typing import Optional
 
 import torch
 
+from .amp import no_autocast
 from .types import LogprobsParams, accumulation_dtype
 
 
@@ -101,6 +102,31 @@ def linear_fp32(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
 _MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()
 
 
+class _LinearNoAutocast(torch.autograd.Function):
+    """F.linear(x [N, H], w [V, H], b [V] | None) whose backward products also ignore autocast.
+
+    Autograd runs a backward with the caller's autocast state: a plain F.linear's backward inside
+    ``torch.autocast`` multiplies in bf16 (gradients off by ~1e-2, amp.py). The backward below is
+    the same formulas autograd would use (dx = g w, dw = g^T x, db = sum_n g), written with
+    differentiable ops, so the reference stays exactly twice differentiable.
+    """
+
+    @staticmethod
+    @no_autocast
+    def forward(ctx, x, w, b):
+        ctx.save_for_backward(x, w)
+        ctx.has_bias = b is not None
+        return torch.nn.functional.linear(x, w, b)
+
+    @staticmethod
+    @no_autocast
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad
+        return (g @ w if need_x else None, g.t() @ x if need_w else None,
+                g.sum(0) if (need_b and ctx.has_bias) else None)
+
+
 def safe_targets(targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Targets clamped into [0, V) so that a gather can never read out of bounds."""
     return targets.clamp(0, vocab_size - 1)
@@ -117,13 +143,17 @@ def reference_linear_logprobs(
     # Upcast, not torch.mm(out_dtype=...): this is the oracle, and autograd must see fp32 logits
     # all the way (its gradient chain never rounds a logit to bf16 either).
     acc = accumulation_dtype(hidden.dtype)
-    raw = torch.nn.functional.linear(hidden.to(acc), weight.to(acc), None if bias is None else bias.to(acc))
+    raw = _LinearNoAutocast.apply(hidden.to(acc), weight.to(acc), None if bias is None else bias.to(acc))
     z = transform_logits(raw, params)
     # Log-probs from logits shifted by the row max m (a constant per row: exact in value and in
     # every derivative): z - m is exact in fp32 (Sterbenz) and small, so log p = (z - m) - log S
     # carries no rounding error of the size of a common logit offset, as z - lse would.
     top = z.detach().amax(dim=-1, keepdim=True)
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    # A row of -inf logits shifts by 0 (lse = -inf). A +inf logit (an inf in the hidden state,
+    # weight or bias, without a soft-cap) keeps its +inf shift, so the row is NaN (log p, lse,
+    # entropy) as on the fused backends: z - lse is inf - inf there, whose limit depends on which
+    # logits tie at +inf; the online log-sum-exp of the kernels gives NaN, and so does this.
+    top = torch.where(torch.isneginf(top), torch.zeros_like(top), top)
     shifted = z - top
     log_sum = torch.logsumexp(shifted, dim=-1, keepdim=True)
     logp_all = shifted - log_sum

@@ -173,3 +173,125 @@ def test_compiled_packed_batch_with_row_flags():
         return value
 
     _check(step, (x, labels, ref), _params(body, weight, None))
+
+
+# --------------------------------------------------------------- floats that change between calls (issue 19)
+# A Python float that changes between calls reaches the code as a symbolic float (dynamic=True at
+# once; dynamic=None from the first recompilation on), where math.isfinite was a graph break, an
+# error under fullgraph=True. Compiler "aot_eager": the breaks come from dynamo, before any
+# compiler backend, and AOTAutograd is what traces the backward; inductor adds only code
+# generation (~20 s per compile here). α and β (tensor arithmetic) stay symbolic: the third and
+# later calls must not recompile. temperature and softcap are scalar arguments of the fused
+# custom op, which dynamo specialises: a new value recompiles (no graph break, no error).
+def _over_changing_floats(step, calls, params, dynamic, *, no_recompile=True):
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager", dynamic=dynamic)
+    for i, args in enumerate(calls):
+        if no_recompile and i >= 2 and hasattr(torch.compiler, "set_stance"):
+            with torch.compiler.set_stance("fail_on_recompile"):
+                out = compiled(*args)
+        else:
+            out = compiled(*args)
+        g_comp = torch.autograd.grad(out, params)
+        eager = step(*args)
+        g_eager = torch.autograd.grad(eager, params)
+        torch.testing.assert_close(out, eager, rtol=0, atol=0)
+        for a, e in zip(g_comp, g_eager):
+            torch.testing.assert_close(a, e, rtol=0, atol=0)
+        assert all(bool(g.abs().sum() > 0) for g in g_comp)
+
+
+_FLOATS = [(1.0, 30.0), (0.7, 20.0), (1.3, 25.0), (0.9, 12.5)]  # (temperature, softcap) per call
+
+
+@pytest.mark.parametrize("dynamic", [None, True])
+@pytest.mark.parametrize("backend", ["torch", "triton", "reference"])
+def test_linear_logprobs_with_changing_temperature_and_softcap(dynamic, backend):
+    body, weight, b, x, labels, _ = _setup(seed=6)
+
+    def step(x, labels, temperature, softcap):
+        out = ik.linear_logprobs(torch.tanh(body(x)), weight, labels, bias=b, backend=backend,
+                                 temperature=temperature, softcap=softcap, return_entropy=True)
+        return -out.logprobs.sum() + 0.3 * out.entropy.sum()
+
+    _over_changing_floats(step, [(x, labels, t, c) for t, c in _FLOATS], _params(body, weight, b), dynamic,
+                          no_recompile=False)
+
+
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_sequence_logprobs_with_changing_temperature_and_softcap(dynamic):
+    body, weight, b, x, labels, _ = _setup(seed=7)
+
+    def step(x, labels, temperature, softcap):
+        s = ik.sequence_logprobs(torch.tanh(body(x)), weight, labels, bias=b, backend="torch",
+                                 temperature=temperature, softcap=softcap)
+        return -(s * torch.linspace(0.5, 1.5, s.shape[0])).sum()
+
+    _over_changing_floats(step, [(x, labels, t, c) for t, c in _FLOATS], _params(body, weight, b), dynamic,
+                          no_recompile=False)
+
+
+@pytest.mark.parametrize("dynamic", [None, True])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_selfplay_loss_on_a_linear_alpha_schedule(dynamic, backend):
+    # The issue's case: compiled at step 0, "Unsupported: torch.* op returned non-Tensor" at step 1.
+    body, weight, _, x, labels, ref = _setup(seed=8, bias=False)
+    schedule = ik.make_schedule("linear", alpha_start=2.0, alpha_end=0.5, num_steps=10)
+    crit = ik.SelfPlayLoss("iris", alpha=schedule, beta=0.5, backend=backend)
+
+    def step(x, labels, ref, k):
+        value, _ = crit(torch.tanh(body(x)), weight, labels, num_real=2, ref_logps=ref, step=k)
+        return value
+
+    _over_changing_floats(step, [(x, labels, ref, k) for k in range(4)], _params(body, weight, None), dynamic)
+
+
+@pytest.mark.parametrize("dynamic", [None, True])
+@pytest.mark.parametrize("loss", ["iris", "dpo"])
+def test_losses_with_changing_alpha_and_beta(dynamic, loss):
+    g = torch.Generator().manual_seed(9)
+    policy = (torch.randn(6, generator=g, dtype=torch.float64) * 3 - 40).requires_grad_()
+    ref = torch.randn(6, generator=g, dtype=torch.float64) * 3 - 40
+    fn = ik.LOSSES[loss]
+
+    def step(policy, alpha, beta):
+        kw = {"alpha": alpha} if loss == "iris" else {}
+        return fn(policy[:3], policy[3:], ref[:3], ref[3:], beta=beta, backend="torch", **kw)
+
+    calls = [(policy, a, b) for a, b in [(0.5, 1.0), (0.7, 0.5), (1.5, 0.25), (2.0, 2.0)]]
+    _over_changing_floats(step, calls, [policy], dynamic)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bad_temperature_under_compile_still_raises(backend):
+    # Skipped while tracing, the check runs in the fused op's body on the concrete value.
+    body, weight, b, x, labels, _ = _setup(seed=10)
+
+    def step(x, labels, temperature):
+        return ik.linear_logprobs(torch.tanh(body(x)), weight, labels, bias=b, backend=backend,
+                                  temperature=temperature).sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager", dynamic=True)
+    compiled(x, labels, 0.8)
+    for bad in (-1.0, 0.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+            compiled(x, labels, bad)
+
+
+def test_bad_alpha_under_compile_gives_nan():
+    # α's value check is skipped while tracing; a negative or infinite α makes the loss NaN.
+    g = torch.Generator().manual_seed(11)
+    policy = (torch.randn(6, generator=g, dtype=torch.float64) - 40).requires_grad_()
+    ref = torch.randn(6, generator=g, dtype=torch.float64) - 40
+
+    def step(policy, alpha):
+        return ik.iris_loss(policy[:3], policy[3:], ref[:3], ref[3:], alpha=alpha, backend="torch")
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager", dynamic=True)
+    assert bool(torch.isfinite(compiled(policy, 0.5)))
+    for bad in (-0.5, float("inf")):
+        out = compiled(policy, bad)
+        assert bool(torch.isnan(out))
+        (grad,) = torch.autograd.grad(out, policy)
+        assert bool(torch.isnan(grad).all())
+    with pytest.raises(ValueError, match="alpha must be a finite number >= 0"):
+        step(policy, -0.5)  # eager: refused up front

@@ -34,11 +34,11 @@ def _tokenizer():
     return AutoTokenizer.from_pretrained(str(TOKENIZER))
 
 
-def _model(tok, *, tied: bool, seed: int = 0):
+def _model(tok, *, tied: bool, seed: int = 0, **config):
     cfg = LlamaConfig(
         vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
         num_key_value_heads=1, max_position_embeddings=128, pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id, bos_token_id=None, tie_word_embeddings=tied,
+        eos_token_id=tok.eos_token_id, bos_token_id=None, tie_word_embeddings=tied, **config,
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(cfg)
@@ -156,6 +156,23 @@ def test_first_step_at_reference(tmp_path, loss_name, expected):
         assert first["iris/alpha"] == 1.0 and first["iris/real/ess"] == pytest.approx(4.0)
         for key in ("iris/real/kappa", "iris/syn/kappa", "iris/real/max_weight", "iris/syn/ess", "rewards/margins"):
             assert key in first
+
+
+@pytest.mark.parametrize("disable_dropout", [True, False])
+def test_first_step_with_attention_dropout_in_the_config(tmp_path, disable_dropout):
+    # A Llama with attention_dropout 0.1 (a functional dropout TRL's own helper leaves on): the
+    # reference is scored without dropout, so only a dropout-free policy gives g = 0 exactly.
+    tok = _tokenizer()
+    model = _model(tok, tied=False, attention_dropout=0.1, attn_implementation="eager")
+    trainer = SelfPlayTrainer(model, args=_args(tmp_path, loss_name="iris", precompute_ref_log_probs=True,
+                                                disable_dropout=disable_dropout),
+                              train_dataset=_rows(), processing_class=tok)
+    trainer.train()
+    first = trainer.state.log_history[0]
+    if disable_dropout:
+        assert first["loss"] == 0.0
+    else:  # dropout kept, as asked: the documented cost
+        assert abs(first["loss"]) > 1e-4
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,6 +315,53 @@ def test_lora_trains_without_weight_gradient(tmp_path):
     trainer.train()
     assert torch.equal(head, head_before)
     assert any(not torch.equal(p, b_before[n]) for n, p in peft_model.named_parameters() if n in b_before)
+
+
+def test_lora_on_the_lm_head_is_refused_by_the_trainer(tmp_path):
+    # TRL's DPOTrainer (which SelfPlayTrainer builds on) refuses it, naming the module, for a
+    # peft_config and for a model wrapped beforehand alike.
+    peft = pytest.importorskip("peft")
+    tok = _tokenizer()
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], lora_dropout=0.0,
+                           task_type="CAUSAL_LM")
+    args = _args(tmp_path, loss_name="iris", precompute_ref_log_probs=False)
+    with pytest.raises(ValueError, match="lm_head"):
+        SelfPlayTrainer(_model(tok, tied=False), args=args, train_dataset=_rows(ref=True), processing_class=tok,
+                        peft_config=lora)
+    with pytest.raises(ValueError, match="lm_head"):
+        SelfPlayTrainer(peft.get_peft_model(_model(tok, tied=False), lora), args=args,
+                        train_dataset=_rows(ref=True), processing_class=tok)
+
+
+def test_iris_head_applies_a_lora_on_the_lm_head():
+    # The head SelfPlayTrainer installs (also reached where TRL does not refuse the adapter):
+    # the adapter reaches the log-probs and gets its gradient (it was silently ignored).
+    peft = pytest.importorskip("peft")
+    from iris_kernels.integrations.trl import install_iris_head
+
+    tok = _tokenizer()
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], lora_dropout=0.0)
+    peft_model = peft.get_peft_model(_model(tok, tied=False), lora)
+    model = peft_model.get_base_model()
+    head = model.lm_head
+    with torch.no_grad():
+        for n, p in head.named_parameters():
+            if "lora_B" in n:
+                p.copy_(0.5 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+    install_iris_head(model, length_normalize=False, backend="torch")
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, len(tok), (3, 10), generator=g)
+    mask = torch.ones_like(ids)
+    labels = ids.masked_fill(torch.arange(10) < 4, -100)
+    got = model(input_ids=ids, attention_mask=mask, iris_labels=labels)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()  # the adapted module's own output
+        logp = torch.log_softmax(logits[:, :-1], -1).gather(2, ids[:, 1:, None]).squeeze(2)
+        want = (logp * (labels[:, 1:] != -100)).sum(1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    got.sum().backward()
+    grads = {n: p.grad for n, p in head.named_parameters() if "lora_" in n}
+    assert grads and all(g is not None and bool(g.abs().sum() > 0) for g in grads.values())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -371,9 +371,9 @@ def test_nan_and_inf_propagate_where_they_should(backend):
     h[1, 3] = float("nan")
     h[2, 0] = float("inf")
     out = linear_logprobs(h, weight, targets, backend=backend)
-    # An inf hidden state makes lse = +inf: -inf or NaN are both honest, a finite number is not.
+    # An inf hidden state makes +inf logits: z - lse = inf - inf, NaN on every backend (issue 19).
     assert (~torch.isfinite(out)).tolist() == [False, True, True, False, False, False]
-    assert torch.isnan(out[1])
+    assert torch.isnan(out[1]) and torch.isnan(out[2])
     w = weight.clone()
     w[5, 0] = float("nan")
     assert torch.isnan(linear_logprobs(hidden, w, targets, backend=backend)).all()
@@ -384,6 +384,32 @@ def test_nan_and_inf_propagate_where_they_should(backend):
     hh = h.clone().requires_grad_()
     linear_logprobs(hh, weight, targets, backend=backend).sum().backward()
     assert torch.isnan(hh.grad[1]).any() and torch.isfinite(hh.grad[[0, 3, 4, 5]]).all()
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_inf_gives_the_same_result_on_every_backend(softcap):
+    # An inf in a hidden state used to give -inf on reference and NaN on the fused backends.
+    # Without a soft-cap its row's logits are +-inf: NaN log p, lse and entropy everywhere; with
+    # one they are +-cap and the results finite (and equal).
+    g = torch.Generator().manual_seed(12)
+    h, w = torch.randn(6, 16, generator=g), torch.randn(70, 16, generator=g)
+    t = torch.randint(0, 70, (6,), generator=g)
+    h[1, 3], h[2, 5], h[4, 0] = float("inf"), float("-inf"), float("inf")
+    t[4] = -100  # an ignored row stays exactly 0
+    results = {}
+    for backend in BACKENDS:
+        out = linear_logprobs(h, w, t, backend=backend, softcap=softcap, return_lse=True, return_entropy=True)
+        results[backend] = torch.stack([out.logprobs, out.lse, out.entropy])
+    for backend in ("torch", "triton"):
+        torch.testing.assert_close(results[backend], results["reference"], rtol=1e-5, atol=1e-5, equal_nan=True)
+    logp, lse, ent = results["reference"]
+    assert logp[4] == 0.0
+    inf_rows = [1, 2]
+    if softcap is None:
+        assert torch.isnan(logp[inf_rows]).all() and torch.isnan(lse[inf_rows]).all() and torch.isnan(ent[inf_rows]).all()
+    else:
+        assert torch.isfinite(results["reference"]).all()
+    assert torch.isfinite(logp[[0, 3, 5]]).all()
 
 
 # --------------------------------------------------------------------------------------------

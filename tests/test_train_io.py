@@ -87,6 +87,96 @@ def test_replace_dir_keeps_a_complete_folder_reachable(tmp_path):
     assert find_dir(tmp_path / "none") is None
 
 
+class _Crash(Exception):
+    pass
+
+
+class _CrashAt:
+    """Counts the file-system steps of a save (file writes, renames, folder deletes) and crashes
+    at step ``k``; a crashing delete removes part of the folder first (a delete cut short)."""
+
+    def __init__(self, monkeypatch, k):
+        self.k, self.n = k, 0
+        real_replace, real_rmtree = os.replace, __import__("shutil").rmtree
+
+        def replace(src, dst):
+            self.tick()
+            real_replace(src, dst)
+
+        def rmtree(path, *a, **kw):
+            if self.n == self.k:
+                files = sorted(p for p in Path(path).iterdir() if p.is_file())
+                if files:
+                    files[0].unlink()
+            self.tick()
+            real_rmtree(path, *a, **kw)
+
+        import train.io_utils as io_utils
+
+        monkeypatch.setattr(io_utils.os, "replace", replace)
+        monkeypatch.setattr(io_utils.shutil, "rmtree", rmtree)
+
+    def tick(self):
+        self.n += 1
+        if self.n - 1 == self.k:
+            raise _Crash(self.k)
+
+
+FILES = ("model", "optimizer", "state")
+
+
+def _save(root, version, crash=None):
+    """What save_training_checkpoint / save_model do: clear .tmp, write it file by file, replace_dir."""
+    import shutil
+
+    final, tmp = root / "checkpoint", root / "checkpoint.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    for name in FILES:
+        if crash is not None:
+            crash.tick()
+        (tmp / name).write_text(str(version))
+    replace_dir(tmp, final)
+
+
+def _resume(root):
+    """The version a resume loads: find_dir's folder must hold every file of one version."""
+    found = find_dir(root / "checkpoint")
+    assert found is not None, sorted(os.listdir(root))
+    versions = {(found / name).read_text() for name in FILES if (found / name).exists()}
+    assert len(versions) == 1 and all((found / name).exists() for name in FILES), (found, sorted(os.listdir(found)))
+    return int(versions.pop())
+
+
+# Steps of a save over an existing checkpoint: 3 writes, then replace_dir's renames and deletes
+# (with the stale .tmp/.old folders a crash leaves, up to 2 deletes more).
+_STEPS = range(9)
+
+
+@pytest.mark.parametrize("first", _STEPS)
+def test_replace_dir_survives_two_crashes_in_a_row(tmp_path, monkeypatch, first):
+    # The issue's case among them: a crash between the renames leaves .old + .tmp; the next save
+    # then crashed while (or just after) deleting .old, losing every complete checkpoint.
+    for second in _STEPS:
+        root = tmp_path / f"run{second}"
+        root.mkdir()
+        _save(root, 1)
+        loaded = _resume(root)
+        for version, k in ((2, first), (3, second)):
+            with monkeypatch.context() as m:
+                try:
+                    _save(root, version, crash=_CrashAt(m, k))
+                except _Crash:
+                    pass
+            now = _resume(root)  # a complete checkpoint, never an older one than before
+            assert loaded <= now <= version
+            loaded = now
+        _save(root, 4)
+        assert _resume(root) == 4
+        assert sorted(os.listdir(root)) == ["checkpoint"]
+
+
 def test_run_sharded_writes_every_row_once(tmp_path):
     items = _items(23)
     run_sharded(items, _process, out_dir=tmp_path, prefix="gen", shard_size=10, batch_size=4, show_progress=False)

@@ -239,3 +239,29 @@ def test_trust_remote_code_is_off_unless_asked(monkeypatch, tmp_path):
         with pytest.raises(FileNotFoundError):
             build_initial_model(ModelConfig(name_or_path=str(folder), trust_remote_code=flag), None, seed=0)
         assert seen["trust_remote_code"] is flag
+
+
+@pytest.mark.parametrize("keep_dropout", [False, True])
+def test_dropout_is_off_in_training_unless_kept(tmp_path, keep_dropout):
+    # A Llama with attention_dropout 0.1: the reference is scored in eval mode (no dropout), so the
+    # first step at θ = θ_t has g = 0 and an IRIS loss of 0 only if training runs without dropout.
+    import yaml
+
+    cfg = yaml.safe_load(PRESET.read_text())
+    cfg["model"]["init_config"]["attention_dropout"] = 0.1
+    cfg["model"]["tokenizer"] = str(ROOT / cfg["model"]["tokenizer"])
+    cfg["data"]["train"], cfg["data"]["eval"] = str(ROOT / cfg["data"]["train"]), str(ROOT / cfg["data"]["eval"])
+    path = tmp_path / "dropout.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    from train.selfplay import main
+
+    main(["--config", str(path), "--output_dir", str(out)] + FAST
+         + ["--train.iterations", "1", "--eval.accuracy", "false", "--eval.at_start", "false",
+            "--train.keep_dropout", str(keep_dropout).lower()])
+    first = _metrics(out, "train")[0]
+    if keep_dropout:
+        assert abs(first["loss"]) > 1e-4  # the documented cost of keeping it
+    else:
+        assert first["loss"] == 0.0  # scored and trained by the same code without dropout
+        assert first["real/ess"] == pytest.approx(BATCH) and first["syn/ess"] == pytest.approx(BATCH)

@@ -114,6 +114,10 @@ class TrainConfig:
     mixed_precision: str = "no"  # no | bf16 | fp16 (accelerate)
     save_steps: int = 0  # mid-iteration checkpoint every N optimizer steps (0: only at iteration end)
     max_consecutive_nan: int = 3  # stop after this many consecutive non-finite steps
+    # Keep the policy's dropout in training. Off by default: the reference is scored without
+    # dropout, so dropout breaks g = 0 at θ = θ_t (first-step loss ≠ 0) and makes two forwards
+    # of one batch differ (iris_kernels/integrations/dropout.py).
+    keep_dropout: bool = False
     log_steps: int = 1
 
 

@@ -103,14 +103,27 @@ def read_jsonl(path, tolerate_torn_tail: bool = False) -> List[dict]:
 
 
 def replace_dir(tmp_dir, final_dir) -> None:
-    """Move a fully written folder into place. If final_dir exists it is first renamed aside, so
-    at every instant either the old or the new complete folder is reachable (see find_dir)."""
+    """Move a fully written folder into place, so that at every instant, across any sequence of
+    crashes, one complete folder is reachable by ``find_dir``: final_dir, or its ``.old`` twin.
+
+    Invariant: ``.old`` is complete whenever final_dir does not exist. final_dir only ever
+    appears by an atomic rename of a complete folder (tmp_dir, finished by the caller), and
+    ``.old`` is deleted (or overwritten by a rename) only while final_dir exists. So:
+      * final_dir exists: a stale ``.old`` (maybe half deleted by an earlier crash) is removed,
+        final_dir is renamed to ``.old`` (complete), tmp_dir to final_dir, and ``.old`` removed;
+      * final_dir is missing (a crash between the two renames): ``.old`` is the last complete
+        folder; tmp_dir is renamed to final_dir first, and only then is ``.old`` removed.
+    Deleting ``.old`` before final_dir exists (as this function once did) could lose both: a
+    crash during that delete left a partial ``.old`` that resume picked, and a crash just after
+    left only the ``.tmp`` folder, which resume never considers (it may be half written).
+    """
     tmp_dir, final_dir = Path(tmp_dir), Path(final_dir)
     old = final_dir.with_name(final_dir.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
     if final_dir.exists():
+        if old.exists():
+            shutil.rmtree(old)  # final_dir is complete: .old is redundant
         os.replace(final_dir, old)
+        _fsync_dir(final_dir.parent)
     os.replace(tmp_dir, final_dir)
     _fsync_dir(final_dir.parent)
     if old.exists():
@@ -119,7 +132,9 @@ def replace_dir(tmp_dir, final_dir) -> None:
 
 def find_dir(final_dir):
     """The folder replace_dir last completed: final_dir, or its '.old' twin after a crash between
-    the two renames; None when neither exists."""
+    the two renames; None when neither exists. Never the '.tmp' folder: it may be half written,
+    and replace_dir never leaves the only complete copy there (see its invariant); a '.old' next
+    to an existing final_dir may be half deleted and is ignored."""
     final_dir = Path(final_dir)
     if final_dir.is_dir():
         return final_dir

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from iris_kernels import sequence_logprobs
+from iris_kernels.integrations.adapters import head_weight
 
 from .config import ModelConfig
 from .data import IGNORE_INDEX
@@ -200,7 +201,8 @@ def output_projection(model, hidden):
     head = model.get_output_embeddings()
     if head is None or not hasattr(head, "weight"):
         raise ValueError(f"{type(model).__name__} has no output embedding (lm_head) to score with")
-    weight, bias = head.weight, getattr(head, "bias", None)
+    # A PEFT (LoRA) adapter on the lm_head: its effective weight, or a ValueError naming it.
+    weight, bias = head_weight(head, "lm_head")
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)

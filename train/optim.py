@@ -36,3 +36,32 @@ def warmup_linear_decay(optimizer, total_steps: int, warmup_steps: int) -> torch
         return max(0.0, (total_steps - k) / (total_steps - warmup_steps))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def step_or_skip(accelerator, optimizer, loss, grad_norm) -> bool:
+    """Take the optimizer step, or skip it when the loss or the gradient norm is non-finite on any
+    process (the same decision everywhere: all-reduced). Returns True when skipped.
+
+    One host sync per optimizer step: skipping needs a decision. Under fp16 mixed precision
+    (accelerate's ``GradScaler``) a skipped step still ends the scaler's step: ``clip_grad_norm_``
+    has unscaled the gradients and recorded their inf checks, so ``scaler.update()`` backs the
+    scale off (an overflow) and resets the per-optimizer state. Without it the next step's
+    ``unscale_()`` raises "unscale_() has already been called on this optimizer since the last
+    update()", and fp16 scalers overflow in the first steps of most runs.
+    """
+    bad = (~torch.isfinite(loss.detach().float()) | ~torch.isfinite(grad_norm.detach().float())).float()
+    skipped = bool(accelerator.reduce(bad.reshape(1).to(accelerator.device), "sum").item() > 0)
+    if not skipped:
+        optimizer.step()  # accelerate's optimizer: scaler.step() + scaler.update() under fp16
+        return False
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is not None and scaler.is_enabled():
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
+        # Normally clip_grad_norm_ unscaled already; if not, unscale_ records the inf checks that
+        # update() needs. (A non-finite loss with finite gradients counts as no overflow there.)
+        # (The stage is GradScaler's private per-optimizer state; a missing entry means READY.)
+        state = getattr(scaler, "_per_optimizer_states", {}).get(id(inner))
+        if state is None or state["stage"].name == "READY":
+            scaler.unscale_(inner)
+        scaler.update()
+    return True

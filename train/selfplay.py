@@ -30,6 +30,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from iris_kernels.integrations.dropout import disable_dropout
 from train.checkpoint import (Progress, load_iteration_state, load_training_checkpoint, read_training_progress,
                               remove_training_checkpoint, save_iteration_state, save_training_checkpoint)
 from train.config import ConfigError, dump_config, flatten, parse_cli, usage_text, wants_help
@@ -42,7 +43,7 @@ from train.metrics import MetricsLog
 from train.modeling import (SequenceLogprobs, build_initial_model, load_checkpoint_model, load_tokenizer,
                             save_model)
 from train.objective import Objective, build_alpha_schedule
-from train.optim import lr_for_iteration, make_optimizer, warmup_linear_decay
+from train.optim import lr_for_iteration, make_optimizer, step_or_skip, warmup_linear_decay
 from train.scoring import reference_logprobs
 from train.shards import load_sharded, run_sharded
 from train.trl_export import write_trl_pairs
@@ -261,6 +262,9 @@ def main(argv=None) -> None:
                 log(f"iteration {t}: resuming training at step {progress.step_in_iteration}/{steps_per_iteration} "
                     f"from the checkpoint in {it / 'checkpoint'}")
             model.train()
+            if not cfg.train.keep_dropout:
+                # The reference was scored without dropout: with it, g != 0 at θ = θ_t.
+                disable_dropout(model)
             bar = tqdm(total=steps_per_iteration, initial=progress.step_in_iteration, desc=f"iter {t} train",
                        disable=not is_main, dynamic_ncols=True)
             while progress.step_in_iteration < steps_per_iteration:
@@ -282,15 +286,10 @@ def main(argv=None) -> None:
                     grad_norm = torch.zeros(())
                 if hasattr(grad_norm, "full_tensor"):  # FSDP2: the norm of DTensor gradients is a DTensor
                     grad_norm = grad_norm.full_tensor()
-                # One host sync per optimizer step: skipping a non-finite step needs a decision, and
-                # every rank must take the same one (all-reduced), or the processes would diverge.
-                bad = (~torch.isfinite(loss.detach().float()) | ~torch.isfinite(grad_norm.detach().float())).float()
-                skipped = bool(accelerator.reduce(bad.reshape(1).to(accelerator.device), "sum").item() > 0)
-                if skipped:
-                    progress.nan_streak += 1
-                else:
-                    optimizer.step()
-                    progress.nan_streak = 0
+                # Every rank takes the same decision (all-reduced), or the processes would diverge;
+                # a skipped step still lets an fp16 loss scaler back off (optim.step_or_skip).
+                skipped = step_or_skip(accelerator, optimizer, loss, grad_norm)
+                progress.nan_streak = progress.nan_streak + 1 if skipped else 0
                 optimizer.zero_grad(set_to_none=True)
                 lr = lr_scheduler.get_last_lr()[0]
                 lr_scheduler.step()

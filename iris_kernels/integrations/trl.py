@@ -69,6 +69,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from ..logprobs import sequence_logprobs
 from ..module import SelfPlayLoss
 from ..schedules import GapAdaptiveAlpha, make_schedule
+from .adapters import head_weight
+from .dropout import disable_dropout
 
 __all__ = ["SelfPlayConfig", "SelfPlayTrainer", "SELFPLAY_LOSSES", "STATE_FILE"]
 
@@ -103,6 +105,10 @@ class SelfPlayConfig(DPOConfig):
         loss_options: other keyword hyper-parameters of the loss, e.g. ``{"variant": "hinge"}``
             (SPIN/DPO) or ``{"mu": 0.5}`` (SPACE).
         iris_backend: log-prob backend, "auto" | "triton" | "torch" | "reference".
+        disable_dropout: (DPOConfig's, default True) every dropout of the policy and of the
+            reference model off, including the functional attention dropout that TRL's own
+            ``disable_dropout_in_model`` misses (``iris_kernels.integrations.dropout``). False
+            keeps dropout, which breaks g = 0 at θ = θ_t (the reference is scored without it).
 
     Errors: ValueError/TypeError naming the field, raised when the config is built.
     """
@@ -250,7 +256,9 @@ def install_iris_head(model, *, length_normalize: bool, backend: str) -> None:
         labels = iris_labels.to(weight.device)
         # ZeRO-3 keeps the head partitioned outside its own module's forward; gather it for the
         # op (a null context otherwise). DTensor (FSDP2) weights are the op's own business.
-        with maybe_gather_lm_head_ctx(weight, bias):
+        with maybe_gather_lm_head_ctx(*[p for p in head.parameters() if p is not None]):
+            # A PEFT (LoRA) adapter on the lm_head: its effective weight, or a ValueError naming it.
+            weight, bias = head_weight(head, "lm_head")
             if weight.dtype != hidden.dtype:  # autocast: the body ran in the autocast dtype
                 weight = weight.to(hidden.dtype)
                 bias = None if bias is None else bias.to(hidden.dtype)
@@ -294,6 +302,7 @@ class SelfPlayTrainer(DPOTrainer):
             callbacks=callbacks, optimizers=optimizers, quantization_config=quantization_config,
             peft_config=peft_config,
         )
+        self._disable_dropout()
         self._ensure_heads()
         self.selfplay_loss = build_selfplay_loss(
             args, num_steps=self._run_steps(), softcap=_softcap(self._hf_model(self.model).config)
@@ -316,6 +325,14 @@ class SelfPlayTrainer(DPOTrainer):
             if m is not None:
                 install_iris_head(self._hf_model(m), length_normalize=self.args.length_normalize,
                                   backend=self.args.iris_backend)
+
+    def _disable_dropout(self) -> None:
+        # DPOTrainer zeroes nn.Dropout only; attention dropout is a float read at forward time.
+        # Called before the reference is scored too (TRL's precompute runs inside its __init__).
+        if self.args.disable_dropout:
+            for m in (self.model, getattr(self, "ref_model", None)):
+                if m is not None:
+                    disable_dropout(m)
 
     def _run_steps(self) -> int:
         if self.args.max_steps and self.args.max_steps > 0:
@@ -370,6 +387,7 @@ class SelfPlayTrainer(DPOTrainer):
     def _precompute_ref_logps(self, dataset, name, batch_size):
         if _has_ref_columns(dataset):
             return dataset  # the opponent's stored values
+        self._disable_dropout()
         self._ensure_heads()
         return super()._precompute_ref_logps(dataset, name, batch_size)
 
