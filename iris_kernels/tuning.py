@@ -17,13 +17,15 @@ from typing import Optional
 
 import torch
 
-# Backward variants of backend="triton".
+# Backward and forward variants of backend="triton".
 BACKWARDS = ("workspace", "atomic")
+FORWARDS = ("fused", "split")
 
 # key: device type (later: (device name, dtype) once measured). Each entry says its provenance.
 AUTO = {
     "cuda": {
         "bwd": "workspace",
+        "fwd": "fused",
         "compact": True,
         "workspace_bytes": 1 << 30,
         "source": "no measurement yet -> workspace, per peers' evidence (issue 8; 2026-11-29, no GPU)",
@@ -31,6 +33,7 @@ AUTO = {
     # The interpreter / CPU: same defaults so the tests exercise the default path.
     "cpu": {
         "bwd": "workspace",
+        "fwd": "fused",
         "compact": True,
         "workspace_bytes": 1 << 30,
         "source": "mirrors cuda so that interpreter tests exercise the default path",
