@@ -1,0 +1,54 @@
+"""python -m iris_kernels.selfcheck: exits 0 through the interpreter on a CPU machine, writes its
+JSON, says no GPU was timed, and exits 1 when a backend is wrong (issue 17 item 3)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from iris_kernels import autograd, selfcheck
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path (interpreter, no timing)")
+def test_selfcheck_subprocess_exit_0_and_json(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("TRITON_INTERPRET", None)  # the module must set it up itself
+    out = tmp_path / "sc.json"
+    proc = subprocess.run([sys.executable, "-m", "iris_kernels.selfcheck", "--quick", "--json", str(out)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "no GPU was timed" in proc.stdout and "parity:" in proc.stdout
+    rep = json.loads(out.read_text())
+    assert rep["ok"] is True and rep["device"]["type"] == "cpu" and rep["device"]["interpreter"] is True
+    assert rep["timing"] == [] and rep["kernels"] == [] and rep["autotune"] == []
+    assert {"torch", "triton", "iris-kernels", "trl", "liger-kernel"} <= set(rep["versions"])
+    backends = {r["backend"] for r in rep["parity"]}
+    assert {"reference", "torch", "triton[fwd=fused,bwd=workspace]", "triton[fwd=split,bwd=atomic]"} <= backends
+    assert {r["case"] for r in rep["parity"]} == {"plain", "all-features", "host-count", "frozen-head"}
+    assert {r["dtype"] for r in rep["parity"]} == {"fp32", "bf16", "fp16"}
+    assert all(r["ok"] and r["err_logp"] < 1e-4 for r in rep["parity"])
+    # The frozen head has no weight gradient to check; the others have one.
+    assert all((r["rel_grad_weight"] is None) == (r["case"] == "frozen-head") for r in rep["parity"])
+    assert rep["wgrad"]["workspace_dW_accumulation"].get("cpu") == "upcast"
+
+
+def test_a_wrong_backend_fails_with_exit_1(tmp_path, monkeypatch, capsys):
+    real = autograd.logprobs_split_fwd
+
+    def wrong(*args, **kw):
+        lse, tz, ent, lo = real(*args, **kw)
+        return lse, tz * 1.01, ent, lo
+
+    monkeypatch.setattr(autograd, "logprobs_split_fwd", wrong)
+    out = tmp_path / "sc.json"
+    rc = selfcheck.main(["--quick", "--parity-dtypes", "fp32", "--json", str(out)])
+    assert rc == 1
+    rep = json.loads(out.read_text())
+    failed = {r["backend"] for r in rep["parity"] if not r["ok"]}
+    assert failed == {"triton[fwd=split,bwd=atomic]"}
+    assert "failed" in capsys.readouterr().out
