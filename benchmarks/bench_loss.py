@@ -75,9 +75,12 @@ CPU_QUICK_SHAPES = ["1024,128,4000"]
 # middle instead of 4096, 2 timed repeats at the largest N, and the two peers slowest there
 # (trl-chunked 12.0 s and torch's linear_cross_entropy 8.0 s per call at N = 8192, both behind
 # the best peer, naive-compile at 5.3 s) measured at the two smaller N only. --full lifts all three.
+# The interpreter rows (a correctness check, not a timing) of the variants added for the GPU run
+# are left to tests/ and the selfcheck, which check every variant.
 DEFAULT_RUN_LIMITS = {
     "repeats_at_largest_n": 2,
     "max_n": {"trl-chunked": 2048, "torch-linear_cross_entropy": 2048},
+    "no_interpreter_rows": ("iris-triton-split-atomic", "iris-triton-frozen", "iris-triton-composed"),
 }
 # Gradients checked against fp64 on this many sampled token / vocabulary rows (all when fewer).
 CHECK_ROWS, CHECK_VOCAB_ROWS = 1024, 2048
@@ -273,6 +276,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
                     if not reason and limit is not None and not shape.interpreter and shape.N > limit:
                         reason = (f"default make bench runs {name} at N <= {limit} only (to stay within 10 min on "
                                   "2 cores; it trails the best peer there); --full runs it everywhere")
+                    if not reason and shape.interpreter and name in (args.plan or {}).get("no_interpreter_rows", ()):
+                        reason = ("default make bench: interpreter rows for this variant are left to tests/ and "
+                                  "python -m iris_kernels.selfcheck; --full runs them")
                     if not reason and out_of_time():
                         reason = f"time budget exhausted (--time-budget {args.time_budget:g} s)"
                     if reason:

@@ -7,6 +7,7 @@ Per shape (zephyr-7b H4096 V32000, qwen2.5-3b H2048 V151936), with ~40 % ignored
 upstream gradient, CUDA-event medians after warm-up of:
   gemm        one logits product hidden @ W^T (N x H x V): the unit of the four-GEMM floor
   fwd         the fused forward kernel (online log-sum-exp over all N rows, no compaction)
+  fwd_split   the split forward (cuBLAS fp32 logits per chunk + the Triton row kernel)
   dz          the workspace dZ kernel over all chunks (recompute + gradient + one store)
   dh          the chunks' dHidden = G W products
   dw          the chunks' dWeight += G^T h products (fp32 accumulation; autograd.WGRAD_PATH says how)
@@ -39,6 +40,7 @@ from iris_kernels import autograd as A  # noqa: E402
 from iris_kernels import linear_logprobs  # noqa: E402
 from iris_kernels.ops.logits_grad import logits_grad  # noqa: E402
 from iris_kernels.ops.logprobs_fwd import logprobs_fwd  # noqa: E402
+from iris_kernels.ops.logprobs_split import logprobs_split_fwd  # noqa: E402
 from iris_kernels.tuning import AUTO, padded_vocab, workspace_rows  # noqa: E402
 
 SHAPES = {"zephyr-7b": (4096, 32000), "qwen2.5-3b": (2048, 151936)}
@@ -48,6 +50,7 @@ VARIANTS = {
     "ws-nocompact": dict(bwd="workspace", compact=False),
     "atomic-compact": dict(bwd="atomic", compact=True),
     "atomic-nocompact": dict(bwd="atomic", compact=False),
+    "split-ws-compact": dict(bwd="workspace", compact=True, fwd="split"),
 }
 
 
@@ -86,12 +89,25 @@ def run_shape(name, N, H, V, dtype, device, warmup, repeats):
     def tflops(ms, f=flop):
         return round(f / (ms * 1e-3) / 1e12, 1)
 
-    ms = timer(device, lambda: hidden @ weight.t(), warmup, repeats)
-    rec.update(gemm_ms=ms, gemm_tflops=tflops(ms))
+    def part(key, fn, flop_=flop):
+        """One timed part; a failing part is an error field, never the loss of the shape (issue 17)."""
+        try:
+            ms = timer(device, fn, warmup, repeats)
+            rec.update({f"{key}_ms": ms, f"{key}_tflops": tflops(ms, flop_)})
+        except Exception as e:  # noqa: BLE001
+            rec[f"error_{key}"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1:]}"[:300]
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+
+    part("gemm", lambda: hidden @ weight.t())
     tiles = A.tile_config(hidden, forward=True)
     fwd_kw = dict(inv_temperature=1.0, softcap=None, with_entropy=False, upcast=A.interpreting(), tiles=tiles)
-    ms = timer(device, lambda: logprobs_fwd(hidden, weight, targets, None, **fwd_kw), warmup, repeats)
-    rec.update(fwd_ms=ms, fwd_tflops=tflops(ms))
+    part("fwd", lambda: logprobs_fwd(hidden, weight, targets, None, **fwd_kw))
+    # The split forward (issue 17): cuBLAS fp32 logits per chunk + the Triton row kernel.
+    rows = A.INTERPRETER_ROW_TILES if (A.interpreting() or device.type != "cuda") else A.GPU_ROW_TILES
+    part("fwd_split", lambda: logprobs_split_fwd(hidden, weight, targets, None, inv_temperature=1.0, softcap=None,
+                                                 with_entropy=False, chunk_bytes=AUTO["cuda"]["workspace_bytes"],
+                                                 tiles=rows))
 
     # The workspace backward's parts, no compaction, chunk by chunk as autograd runs them.
     gtiles = A.tile_config(hidden, forward=False, workspace=True)
@@ -108,7 +124,10 @@ def run_shape(name, N, H, V, dtype, device, warmup, repeats):
                         ws[: e - s], None, row0=s, n_valid=None, inv_temperature=1.0, softcap=None,
                         temperature=1.0, upcast=A.interpreting(), tiles=gtiles)
 
-    dz()  # fills the workspace with real gradients for the products below
+    try:
+        dz()  # fills the workspace with real gradients for the products below
+    except Exception as e:  # noqa: BLE001 - the products still time on whatever the workspace holds
+        rec["error_dz_fill"] = f"{type(e).__name__}: {e}"[:300]
     gh = torch.empty_like(hidden)
 
     def dh():
@@ -122,10 +141,8 @@ def run_shape(name, N, H, V, dtype, device, warmup, repeats):
             A._accumulate_wgrad(gw, ws[: e - s], hidden[s:e])
 
     rec["chunk_rows"] = C
-    for part, fn in (("dz", dz), ("dh", dh), ("dw", dw)):
-        ms = timer(device, fn, warmup, repeats)
-        rec[f"{part}_ms"] = ms
-        rec[f"{part}_tflops"] = tflops(ms)
+    for key, fn in (("dz", dz), ("dh", dh), ("dw", dw)):
+        part(key, fn)
     rec["wgrad_path"] = dict(A.WGRAD_PATH)
 
     for vname, kw in VARIANTS.items():
@@ -154,6 +171,8 @@ def run_shape(name, N, H, V, dtype, device, warmup, repeats):
                     times.append(t)
             rec[f"bwd_{vname}_ms"] = statistics.median(times)
         except Exception as e:  # noqa: BLE001 - one failing variant must not end the run
+            if device.type == "cuda":
+                torch.cuda.synchronize()
             rec[f"error_{vname}"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1:] }"[:300]
         del h, w, box
     if device.type == "cuda":

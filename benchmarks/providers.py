@@ -135,6 +135,9 @@ class Provider:
 
     # liger-dpo optimises another objective: it is shown, but never "the best peer" of an IRIS row.
     comparable = True
+    # A frozen head (lm_head.weight.requires_grad = False): no weight gradient is due, and one
+    # produced anyway is an error.
+    frozen_head = False
 
     def skip_reason(
         self, device: torch.device, dtype: torch.dtype, workload: str, interpreter: bool = False
@@ -471,6 +474,37 @@ class LigerCuteScaledCE(Provider):
         return -nll.float()
 
 
+class IrisTritonFrozen(IrisTritonVariant):
+    """The default triton path with a frozen head: the weight is used detached, so no dWeight (the
+    cheapest backward: dHidden only; its floor is three products, not four)."""
+
+    frozen_head = True
+
+    def __init__(self):
+        super().__init__("iris-triton-frozen", "workspace", True, fwd="fused")
+
+    def logprobs(self, hidden, weight, targets):
+        return super().logprobs(hidden, weight.detach(), targets)
+
+    def selfplay(self, case):
+        seq = iris_kernels.sequence_logprobs(
+            case.hidden, case.weight.detach(), case.labels, shift=True, ignore_index=IGNORE_INDEX, backend="triton",
+            **self._kw(),
+        )
+        return self._objective(seq, case)
+
+
+class IrisTritonComposed(IrisTriton):
+    """IRIS composed on the library's own per-token output (linear_logprobs -> per-sequence sums ->
+    iris_loss), against "iris-triton"'s fused sequence_logprobs + iris_loss: what fusing buys."""
+
+    name = "iris-triton-composed"
+    workloads = ("selfplay",)
+
+    def selfplay(self, case):
+        return Provider.selfplay(self, case)
+
+
 class CutCrossEntropyExact(CutCrossEntropy):
     """CCE with impl="cce_exact": no gradient filtering, its exact (and slower) configuration."""
 
@@ -534,6 +568,8 @@ PROVIDERS: Dict[str, Provider] = {
         IrisTritonVariant("iris-triton-atomic-nocompact", "atomic", False),
         IrisTritonVariant("iris-triton-split", "workspace", True, fwd="split"),
         IrisTritonVariant("iris-triton-split-atomic", "atomic", True, fwd="split"),
+        IrisTritonFrozen(),
+        IrisTritonComposed(),
         LigerCuteScaledCE(),
         Floor(),
     )

@@ -120,7 +120,7 @@ def fill_measurement(rec: dict, res: dict, shape: Shape, repeats: int) -> None:
     if "err_value" in res:
         for k in ("err_value", "err_grad_hidden", "err_grad_weight"):
             rec[k] = res[k]
-        errs = [rec["err_value"], rec["err_grad_hidden"], rec["err_grad_weight"]]
+        errs = [e for e in (rec["err_value"], rec["err_grad_hidden"], rec["err_grad_weight"]) if e is not None]
         rec["max_abs_err"] = math.nan if any(math.isnan(e) for e in errs) else max(errs)
     if shape.interpreter:
         rec["status"] = "interpreter"
@@ -137,8 +137,12 @@ def fill_measurement(rec: dict, res: dict, shape: Shape, repeats: int) -> None:
         notes.append("four torch.mm of [NxH].[HxV] (docs/math.md#floor), not a loss")
     if rec["objective"] == P.OBJECTIVE_IRIS and prov.family == "peer":
         notes.append("IRIS composed on its per-token output")
-    if rec["objective"] == P.OBJECTIVE_IRIS and prov.family == "library":
+    if rec["objective"] == P.OBJECTIVE_IRIS and prov.family == "library" and rec["provider"] != "iris-triton-composed":
         notes.append("IRIS fused (sequence_logprobs + iris_loss)")
+    if prov.frozen_head:
+        notes.append("frozen head: no dWeight (its floor is three products)")
+    if rec["provider"] == "iris-triton-composed":
+        notes.append("IRIS composed on the library's per-token output")
     if rec["provider"] == "torch-linear_cross_entropy":
         notes.append("options=LinearCrossEntropyOptions() (auto chunking)")
     rec["note"] = "; ".join(notes)

@@ -158,18 +158,23 @@ def measure_provider(name: str, case: P.Case, workload: str, warmup: int, repeat
         "warmup": warmup,
     }
     if ref is not None and prov.family != "floor":
-        res.update(errors(out, case, ref))
+        res.update(errors(out, case, ref, frozen_head=prov.frozen_head))
     return res
 
 
-def errors(out: torch.Tensor, case: P.Case, ref: dict) -> Dict[str, float]:
-    """Largest absolute errors of the value and of both gradients (at the reference's rows), on the device."""
+def errors(out: torch.Tensor, case: P.Case, ref: dict, frozen_head: bool = False) -> Dict[str, Optional[float]]:
+    """Largest absolute errors of the value and of both gradients (at the reference's rows), on the
+    device. A frozen head has no weight gradient to check (None), and one produced anyway is inf."""
     gh = case.hidden.grad
     gw = case.weight.grad
+    if frozen_head:
+        err_w = None if gw is None else float("inf")
+    else:
+        err_w = max_abs_err(None if gw is None else gw[ref["vocab_rows"]], ref["grad_weight"])
     return {
         "err_value": max_abs_err(out, ref["value"]),
         "err_grad_hidden": max_abs_err(None if gh is None else gh.reshape(case.N, case.H)[ref["rows"]], ref["grad_hidden"]),
-        "err_grad_weight": max_abs_err(None if gw is None else gw[ref["vocab_rows"]], ref["grad_weight"]),
+        "err_grad_weight": err_w,
     }
 
 
