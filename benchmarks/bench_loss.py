@@ -80,7 +80,8 @@ CPU_QUICK_SHAPES = ["1024,128,4000"]
 DEFAULT_RUN_LIMITS = {
     "repeats_at_largest_n": 2,
     "max_n": {"trl-chunked": 2048, "torch-linear_cross_entropy": 2048},
-    "no_interpreter_rows": ("iris-triton-split-atomic", "iris-triton-frozen", "iris-triton-composed"),
+    "no_interpreter_rows": ("iris-triton-ws-nocompact", "iris-triton-atomic-nocompact", "iris-triton-split-atomic",
+                            "iris-triton-frozen", "iris-triton-composed"),
 }
 # Gradients checked against fp64 on this many sampled token / vocabulary rows (all when fewer).
 CHECK_ROWS, CHECK_VOCAB_ROWS = 1024, 2048
