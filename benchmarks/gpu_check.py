@@ -30,6 +30,11 @@ from typing import Dict, List
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+for _p in (str(HERE), str(REPO)):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+from report import unreliable_reason  # noqa: E402
 
 DECISIVE = ["floor", "iris-triton", "iris-triton-split", "iris-triton-atomic"]
 LIBRARY_MORE = ["iris-triton-ws-hostcount", "iris-triton-ws-nocompact", "iris-triton-atomic-nocompact",
@@ -46,7 +51,8 @@ def plan(dry: bool) -> List[Dict]:
         heads = ["128,32,500"]
     phases = []
     for head in heads:
-        phases.append(dict(name=f"decisive {head} N=16384", providers=DECISIVE, shapes=[head], tokens=[16384],
+        phases.append(dict(name=f"decisive {head}" + ("" if dry else " N=16384"), providers=DECISIVE, shapes=[head],
+                           tokens=[16384],
                            workloads=["logprobs"], timeout=90))
     phases.append(dict(name="breakdown", script="bwd_breakdown.py", timeout=100))
     phases.append(dict(name="library variants, frozen head, IRIS fused vs composed", providers=DECISIVE[1:2] + LIBRARY_MORE,
@@ -92,15 +98,18 @@ def summary(out: Path) -> str:
     rows = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
     lines = [f"{'provider':30s} {'workload':9s} {'shape':12s} {'N':>6s} {'status':11s} {'total ms':>9s} "
              f"{'x floor':>7s} {'max err':>9s}  note / reason"]
-    floors = {(r["workload"], r["shape"], r["N"]): r["total_ms"] for r in rows
+    floors = {(r["workload"], r["shape"], r["N"], r["H"], r["V"]): r for r in rows
               if r["provider"] == "floor" and r["status"] == "ok"}
     for r in rows:
         tot = r.get("total_ms")
-        fl = floors.get((r["workload"], r["shape"], r["N"]))
-        xf = f"{tot / fl:.2f}" if (tot and fl and r["provider"] != "floor") else "-"
+        fl = floors.get((r["workload"], r["shape"], r["N"], r.get("H"), r.get("V")))
+        xf = f"{tot / fl['total_ms']:.2f}" if (tot and fl and r["provider"] != "floor") else "-"
         err = r.get("max_abs_err")
         err = f"{err:.1e}" if isinstance(err, float) else (err or "-")
         why = r.get("skip_reason") or r.get("note") or ""
+        if r.get("status") == "ok" and r.get("timing_valid"):
+            flag = unreliable_reason(r, fl)
+            why = f"UNRELIABLE ({flag}); {why}" if flag else why
         lines.append(f"{r['provider']:30s} {r['workload']:9s} {str(r['shape'])[:12]:12s} {r['N']:>6d} {r['status']:11s} "
                      f"{(f'{tot:.2f}' if tot else '-'):>9s} {xf:>7s} {err:>9s}  {why[:90]}")
     return "\n".join(lines)

@@ -338,8 +338,9 @@ def plot(records: List[dict], out_dir: Path, tag: str) -> List[Path]:
             ax.set_xlabel("tokens N")
             ax.set_ylabel(ylabel)
             ax.grid(True, which="both", alpha=0.3)
-        ax_t.legend(fontsize=8)
-        ax_m.legend(fontsize=8)
+        for ax in (ax_t, ax_m):
+            if ax.get_legend_handles_labels()[0]:  # a panel with no line (floor only) has no legend
+                ax.legend(fontsize=8)
         loads = [r["load_avg"] for r in rows if r["load_avg"] is not None]
         load = f", load avg {min(loads):.1f}-{max(loads):.1f}" if loads else ""
         fig.suptitle(f"{wl}: H={H} V={V} {dt} on {rows[0]['device_name']}{load}", fontsize=10)

@@ -54,7 +54,14 @@ def logprobs_rows_kernel(
     pid = tl.program_id(0)
     offs_n = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     n_mask = offs_n < rows
-    tgt = tl.load(targets_ptr + offs_n, mask=n_mask, other=-1).to(tl.int64)
+    # Row base addresses in 64 bits (rows * V exceeds 2^31), columns as int32 offsets from them:
+    # a [BLOCK_N, BLOCK_V] tile of 64-bit addresses would take registers the tile itself needs.
+    row_ptr = logits_ptr + offs_n * stride_ln
+    cols = tl.arange(0, BLOCK_V)
+    tgt = tl.load(targets_ptr + offs_n, mask=n_mask, other=-1)
+    # Out-of-range targets (any int64) become -1: they never match a column and cannot alias one
+    # after the 32-bit narrowing.
+    tgt = tl.where((tgt >= 0) & (tgt < V), tgt, -1).to(tl.int32)
 
     run_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     run_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -67,10 +74,9 @@ def logprobs_rows_kernel(
         live = row0 + pid.to(tl.int64) * BLOCK_N < tl.load(n_valid_ptr)
         v_end = tl.where(live, V, 0)
     for v0 in range(0, v_end, BLOCK_V):
-        offs_v = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
+        offs_v = v0 + cols
         v_mask = offs_v < V
-        z = tl.load(logits_ptr + offs_n[:, None] * stride_ln + offs_v[None, :],
-                    mask=n_mask[:, None] & v_mask[None, :], other=0.0)
+        z = tl.load(row_ptr[:, None] + offs_v[None, :], mask=n_mask[:, None] & v_mask[None, :], other=0.0)
         if HAS_BIAS:
             z = z + tl.load(bias_ptr + offs_v, mask=v_mask, other=0.0).to(tl.float32)[None, :]
         if HAS_SOFTCAP:
