@@ -120,8 +120,9 @@ def _check_cuda_options(bwd, compact, workspace_bytes, num_valid, fwd="auto"):
 
 def _tuned_variant(hidden, weight, bias, fwd, bwd, temperature, softcap, return_entropy):
     """(fwd, bwd) with "auto" replaced by the first-use autotuner's choice (CUDA only; see
-    iris_kernels.autotune). Off the GPU, or with tuning off, both stay "auto" (then tuning.AUTO)."""
-    if hidden.device.type != "cuda":
+    iris_kernels.autotune). Off the GPU, with tuning off, or while torch.compile traces (measuring
+    is host work that must not enter a graph), both stay "auto" (then tuning.AUTO decides)."""
+    if hidden.device.type != "cuda" or torch.compiler.is_compiling():
         return fwd, bwd
     from .autotune import tuned_choice  # imported lazily: it reads the environment once per call
 

@@ -8,6 +8,10 @@ materialised one on an A100), verl and Megatron (both default to materialised dl
 cuBLAS), Liger's SM90 path and QuACK (a bf16 gradient workspace + tensor-core GEMMs). Hence the
 workspace backward and a 1 GiB workspace.
 
+On CUDA the forward and backward variants ("fwd", "bwd") are measured at first use by
+iris_kernels/autotune.py and cached per device and shape; this table decides when the autotuner is
+off (IRIS_KERNELS_AUTOTUNE=0), while torch.compile traces, and where no candidate passed its probe.
+
 Also here: the workspace's chunk height and the torch backend's CUDA chunk size, both derived
 from the same byte budget (iris-kernels issue 8, items 1 and 3).
 """

@@ -225,3 +225,30 @@ def test_two_gloo_ranks_with_different_caches_agree(tmp_path):
     mp.spawn(_rank_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in (0, 1):
         assert json.loads((tmp_path / f"out{rank}.json").read_text()) == {"fwd": "fused", "bwd": "atomic"}
+
+
+def test_linear_logprobs_takes_the_choice_only_for_auto(monkeypatch):
+    """The dispatch in logprobs: "auto" takes the tuned value, an explicit fwd= / bwd= wins, no choice
+    (tuning off) leaves "auto" for tuning.AUTO; off CUDA the autotuner is never asked."""
+    from types import SimpleNamespace
+
+    from iris_kernels import logprobs
+
+    asked = []
+
+    def fake(hidden, weight, bias, **kw):
+        asked.append(kw)
+        return {"fwd": "split", "bwd": "atomic"}
+
+    monkeypatch.setattr(autotune, "tuned_choice", fake)
+    cuda = SimpleNamespace(device=SimpleNamespace(type="cuda"))
+    rest = (1.0, None, True)  # temperature, softcap, return_entropy
+    assert logprobs._tuned_variant(cuda, None, None, "auto", "auto", *rest) == ("split", "atomic")
+    assert logprobs._tuned_variant(cuda, None, None, "fused", "auto", *rest) == ("fused", "atomic")
+    assert logprobs._tuned_variant(cuda, None, None, "auto", "workspace", *rest) == ("split", "workspace")
+    assert asked[0] == {"temperature": 1.0, "softcap": None, "with_entropy": True}
+    monkeypatch.setattr(autotune, "tuned_choice", lambda *a, **k: None)
+    assert logprobs._tuned_variant(cuda, None, None, "auto", "auto", *rest) == ("auto", "auto")
+    cpu = SimpleNamespace(device=SimpleNamespace(type="cpu"))
+    monkeypatch.setattr(autotune, "tuned_choice", lambda *a, **k: pytest.fail("asked off CUDA"))
+    assert logprobs._tuned_variant(cpu, None, None, "auto", "auto", *rest) == ("auto", "auto")
