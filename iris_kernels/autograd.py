@@ -2,7 +2,8 @@
 
 Forward, two variants (``LogprobsParams.fwd``): "fused", one launch of the log-sum-exp kernel (the
 logits never leave registers) and a merge of the per-split statistics; "split", per chunk of rows a
-cuBLAS product into fp32 logits and a Triton row kernel (ops/logprobs_split.py). Either one saves only hidden, weight, bias, targets and the fp32 lse (N floats),
+cuBLAS product into fp32 logits and a Triton row kernel (ops/logprobs_split.py). Either one saves
+only hidden, weight, bias, targets and the fp32 lse (N floats),
 plus lse_lo (N floats: the rounding error of the fp32 lse, so that log p stays exact at a large
 common logit offset) and the per-row entropy H (N floats) when the entropy is asked for.
 
@@ -142,8 +143,19 @@ class TritonLinearLogprobs(torch.autograd.Function):
             empty = torch.zeros(0, dtype=torch.float32, device=hidden.device)
             lse, target_z, lse_lo = empty, empty, empty
             entropy_rows = empty if params.return_entropy else None
+        elif params.fwd == "split":  # cuBLAS fp32 logits + a row kernel; same statistics as the fused forward
+            lse, target_z, entropy_rows, lse_lo = _split_forward(h_run, weight, t_run, bias, params, n_valid, upcast)
         else:
-            lse, target_z, entropy_rows, lse_lo = _forward_stats(h_run, weight, t_run, bias, params, n_valid, upcast)
+            lse, target_z, entropy_rows, lse_lo = logprobs_fwd(
+                h_run, weight, t_run, bias,
+                inv_temperature=1.0 / params.temperature,
+                softcap=params.softcap,
+                with_entropy=params.return_entropy,
+                upcast=upcast,
+                tiles=tile_config(hidden, forward=True),
+                n_valid=n_valid,
+                with_lse_lo=True,
+            )
         del h_run
         if rows is not None:
             # Back to the caller's order; rows never computed (ignored) hold 0 and are masked below.
@@ -194,21 +206,13 @@ class TritonLinearLogprobs(torch.autograd.Function):
         )
 
 
-def _forward_stats(h_run, weight, t_run, bias, params, n_valid, upcast):
-    """(lse, target_z, H | None, lse_lo) of the rows h_run by the forward ``params.fwd`` names.
-
-    "fused": one Triton kernel, logits in registers (ops/logprobs_fwd.py); "split": a cuBLAS
-    product into an fp32 chunk of logits + a Triton row kernel (ops/logprobs_split.py). Both give
-    the same statistics, so either backward follows either forward.
-    """
-    common = dict(inv_temperature=1.0 / params.temperature, softcap=params.softcap,
-                  with_entropy=params.return_entropy, n_valid=n_valid)
-    if params.fwd == "split":
-        tiles = INTERPRETER_ROW_TILES if (upcast or h_run.device.type != "cuda") else GPU_ROW_TILES
-        return logprobs_split_fwd(h_run, weight, t_run, bias, chunk_bytes=params.workspace_bytes, tiles=tiles,
-                                  **common)
-    return logprobs_fwd(h_run, weight, t_run, bias, upcast=upcast, tiles=tile_config(h_run, forward=True),
-                        with_lse_lo=True, **common)
+def _split_forward(h_run, weight, t_run, bias, params, n_valid, upcast):
+    """(lse, target_z, H | None, lse_lo) by the split forward (ops/logprobs_split.py): the same
+    statistics as the fused forward, so either backward follows it."""
+    tiles = INTERPRETER_ROW_TILES if (upcast or h_run.device.type != "cuda") else GPU_ROW_TILES
+    return logprobs_split_fwd(h_run, weight, t_run, bias, inv_temperature=1.0 / params.temperature,
+                              softcap=params.softcap, with_entropy=params.return_entropy,
+                              chunk_bytes=params.workspace_bytes, tiles=tiles, n_valid=n_valid)
 
 
 def _gather(x, rows):
