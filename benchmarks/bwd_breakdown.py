@@ -38,10 +38,8 @@ import torch  # noqa: E402
 
 from iris_kernels import autograd as A  # noqa: E402
 from iris_kernels import linear_logprobs  # noqa: E402
-from iris_kernels.ops.logits_grad import logits_grad  # noqa: E402
-from iris_kernels.ops.logprobs_fwd import logprobs_fwd  # noqa: E402
-from iris_kernels.ops.logprobs_split import logprobs_split_fwd  # noqa: E402
-from iris_kernels.tuning import AUTO, padded_vocab, workspace_rows  # noqa: E402
+from iris_kernels.selfcheck import workspace_parts  # noqa: E402
+from iris_kernels.tuning import AUTO  # noqa: E402
 
 SHAPES = {"zephyr-7b": (4096, 32000), "qwen2.5-3b": (2048, 151936)}
 VARIANTS = {
@@ -89,61 +87,13 @@ def run_shape(name, N, H, V, dtype, device, warmup, repeats):
     def tflops(ms, f=flop):
         return round(f / (ms * 1e-3) / 1e12, 1)
 
-    def part(key, fn, flop_=flop):
-        """One timed part; a failing part is an error field, never the loss of the shape (issue 17)."""
-        try:
-            ms = timer(device, fn, warmup, repeats)
-            rec.update({f"{key}_ms": ms, f"{key}_tflops": tflops(ms, flop_)})
-        except Exception as e:  # noqa: BLE001
-            rec[f"error_{key}"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1:]}"[:300]
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-
-    part("gemm", lambda: hidden @ weight.t())
-    tiles = A.tile_config(hidden, forward=True)
-    fwd_kw = dict(inv_temperature=1.0, softcap=None, with_entropy=False, upcast=A.interpreting(), tiles=tiles)
-    part("fwd", lambda: logprobs_fwd(hidden, weight, targets, None, **fwd_kw))
-    # The split forward (issue 17): cuBLAS fp32 logits per chunk + the Triton row kernel.
-    rows = A.INTERPRETER_ROW_TILES if (A.interpreting() or device.type != "cuda") else A.GPU_ROW_TILES
-    part("fwd_split", lambda: logprobs_split_fwd(hidden, weight, targets, None, inv_temperature=1.0, softcap=None,
-                                                 with_entropy=False, chunk_bytes=AUTO["cuda"]["workspace_bytes"],
-                                                 tiles=rows))
-
-    # The workspace backward's parts, no compaction, chunk by chunk as autograd runs them.
-    gtiles = A.tile_config(hidden, forward=False, workspace=True)
-    C = workspace_rows(V, hidden.element_size(), AUTO["cuda"]["workspace_bytes"], N, multiple=gtiles[0])
-    ws = torch.empty((C, padded_vocab(V)), dtype=dtype, device=device)[:, :V]
-    lse = torch.logsumexp((hidden @ weight.t()).float(), -1) if N * V <= 1 << 31 else torch.cat(
-        [torch.logsumexp((hidden[i:i + 4096] @ weight.t()).float(), -1) for i in range(0, N, 4096)])
-    c_lp = torch.where(targets != -100, up, 0.0).contiguous()
-    chunks = [(s, min(s + C, N)) for s in range(0, N, C)]
-
-    def dz():
-        for s, e in chunks:
-            logits_grad(hidden[s:e], weight, targets[s:e], None, lse[s:e], None, None, c_lp[s:e], None, None,
-                        ws[: e - s], None, row0=s, n_valid=None, inv_temperature=1.0, softcap=None,
-                        temperature=1.0, upcast=A.interpreting(), tiles=gtiles)
-
-    try:
-        dz()  # fills the workspace with real gradients for the products below
-    except Exception as e:  # noqa: BLE001 - the products still time on whatever the workspace holds
-        rec["error_dz_fill"] = f"{type(e).__name__}: {e}"[:300]
-    gh = torch.empty_like(hidden)
-
-    def dh():
-        for s, e in chunks:
-            torch.mm(ws[: e - s], weight, out=gh[s:e])
-
-    gw = torch.zeros(V, H, dtype=torch.float32, device=device)
-
-    def dw():
-        for s, e in chunks:
-            A._accumulate_wgrad(gw, ws[: e - s], hidden[s:e])
-
-    rec["chunk_rows"] = C
-    for key, fn in (("dz", dz), ("dh", dh), ("dw", dw)):
-        part(key, fn)
-    rec["wgrad_path"] = dict(A.WGRAD_PATH)
+    # The parts (one product, fused / split forward, dZ, dH, dW): the selfcheck's code, so that
+    # the two report the same thing (issue 17); a failing part is an error_<part> field.
+    parts = workspace_parts(hidden, weight, targets, up, time_part=lambda fn: timer(device, fn, warmup, repeats))
+    rec.update(parts)
+    for key in ("gemm", "fwd", "fwd_split", "dz", "dh", "dw"):
+        if f"{key}_ms" in parts:
+            rec[f"{key}_tflops"] = tflops(parts[f"{key}_ms"])
 
     for vname, kw in VARIANTS.items():
         kw = dict(kw)

@@ -19,7 +19,8 @@ Sections (stdout table; the same in ``--json``, default ``iris_kernels_selfcheck
   kernels    (CUDA) each compiled Triton kernel that ran: registers, spills, shared memory, and
              whether its PTX uses warpgroup MMA (wgmma);
   timing     (CUDA) per real head (--heads, default Zephyr-7B 4096 x 32000 and Qwen2.5-3B
-             2048 x 151936) at --tokens rows: one cuBLAS product, the four-product floor, and
+             2048 x 151936) at --tokens rows: one cuBLAS product, the four-product floor, the
+             parts of the default path (fwd, split fwd, dZ, dH, dW: ``workspace_parts``), and
              forward / backward / total of each triton variant and of the torch backend;
   autotune   (CUDA) the autotuner's choice per head (iris_kernels.autotune);
   peers      installed peers (Liger, CCE, TRL's op) and whether their op imports.
@@ -259,6 +260,79 @@ def compiled_kernels() -> List[dict]:
     return out
 
 
+def workspace_parts(hidden, weight, targets, up, *, time_part, workspace_bytes=None) -> Dict[str, object]:
+    """Milliseconds of the parts of the default triton path, one by one, each next to one product.
+
+    ``time_part(fn) -> ms`` times one part (a median over repeats; CUDA events on a GPU). Parts:
+    ``gemm`` one logits product h W^T; ``fwd`` the fused forward kernel; ``fwd_split`` the split
+    forward; ``dz`` the workspace dZ kernel over all chunks; ``dh`` the chunks' dHidden = G W;
+    ``dw`` the chunks' dWeight += G^T h (fp32 accumulation, autograd.WGRAD_PATH says how). No
+    compaction, no bias / soft-cap / entropy. A part that fails is an ``error_<part>`` entry, not
+    the loss of the others. Used by the selfcheck and by benchmarks/bwd_breakdown.py.
+    """
+    from . import autograd as A
+    from .ops.logits_grad import logits_grad
+    from .ops.logprobs_fwd import logprobs_fwd
+    from .ops.logprobs_split import logprobs_split_fwd
+    from .tuning import AUTO, padded_vocab, workspace_rows
+
+    N, H = hidden.shape
+    V = weight.shape[0]
+    dev = hidden.device
+    budget = workspace_bytes or AUTO.get(dev.type, AUTO["cuda"])["workspace_bytes"]
+    out: Dict[str, object] = {}
+
+    def part(key, fn):
+        try:
+            out[f"{key}_ms"] = time_part(fn)
+        except Exception as err:  # noqa: BLE001 - one part failing must not lose the others
+            out[f"error_{key}"] = f"{type(err).__name__}: {str(err).strip().splitlines()[-1:]}"[:300]
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+
+    part("gemm", lambda: hidden @ weight.t())
+    fwd_kw = dict(inv_temperature=1.0, softcap=None, with_entropy=False)
+    part("fwd", lambda: logprobs_fwd(hidden, weight, targets, None, upcast=A.interpreting(),
+                                     tiles=A.tile_config(hidden, forward=True), **fwd_kw))
+    rows = A.INTERPRETER_ROW_TILES if (A.interpreting() or dev.type != "cuda") else A.GPU_ROW_TILES
+    part("fwd_split", lambda: logprobs_split_fwd(hidden, weight, targets, None, chunk_bytes=budget, tiles=rows,
+                                                 **fwd_kw))
+    gtiles = A.tile_config(hidden, forward=False, workspace=True)
+    C = workspace_rows(V, hidden.element_size(), budget, N, multiple=gtiles[0])
+    out["chunk_rows"] = C
+    try:
+        lse = logprobs_split_fwd(hidden, weight, targets, None, chunk_bytes=budget, tiles=rows, **fwd_kw)[0]
+    except Exception as err:  # noqa: BLE001
+        out["error_lse"] = f"{type(err).__name__}: {err}"[:300]
+        return out
+    ws = torch.empty((C, padded_vocab(V)), dtype=hidden.dtype, device=dev)[:, :V]
+    c_lp = torch.where(targets != -100, up.float(), 0.0).contiguous()
+    chunks = [(s, min(s + C, N)) for s in range(0, N, C)]
+
+    def dz():
+        for s, e in chunks:
+            logits_grad(hidden[s:e], weight, targets[s:e], None, lse[s:e], None, None, c_lp[s:e], None, None,
+                        ws[: e - s], None, row0=s, n_valid=None, inv_temperature=1.0, softcap=None,
+                        temperature=1.0, upcast=A.interpreting(), tiles=gtiles)
+
+    part("dz", dz)  # also fills the workspace with real gradients for the products below
+    gh = torch.empty_like(hidden)
+    gw = torch.zeros(V, H, dtype=torch.float32, device=dev)
+
+    def dh():
+        for s, e in chunks:
+            torch.mm(ws[: e - s], weight, out=gh[s:e])
+
+    def dw():
+        for s, e in chunks:
+            A._accumulate_wgrad(gw, ws[: e - s], hidden[s:e])
+
+    part("dh", dh)
+    part("dw", dw)
+    out["wgrad_path"] = dict(A.WGRAD_PATH)
+    return out
+
+
 def run_timing(heads: Dict[str, tuple], tokens: int, dtype: torch.dtype, repeats: int) -> List[dict]:
     """fwd / bwd / total of each variant against one cuBLAS product and the four-product floor."""
     from . import linear_logprobs
@@ -274,12 +348,22 @@ def run_timing(heads: Dict[str, tuple], tokens: int, dtype: torch.dtype, repeats
         t[torch.rand(tokens, generator=g).to(dev) < 0.375] = -100
         up = torch.randn(tokens, generator=g).to(dev)
         flop = 2.0 * tokens * H * V
-        gemm = [time_call(lambda: torch.mm(h, w.t()), dev) for _ in range(repeats + 1)][1:]
-        one = summarize(gemm)[0]
+        def median_ms(fn):
+            return summarize([time_call(fn, dev) for _ in range(repeats + 1)][1:])[0]  # first call: compile
+
+        one = median_ms(lambda: torch.mm(h, w.t()))
         rows.append(dict(head=head, N=tokens, H=H, V=V, what="one cuBLAS product", total_ms=one,
                          tflops=flop / one / 1e9))
         rows.append(dict(head=head, N=tokens, H=H, V=V, what="four-product floor", total_ms=4 * one,
                          tflops=4 * flop / (4 * one) / 1e9))
+        parts = workspace_parts(h, w, t, up, time_part=median_ms)
+        for key in ("fwd", "fwd_split", "dz", "dh", "dw"):
+            ms = parts.get(f"{key}_ms")
+            if ms is None:
+                rows.append(dict(head=head, N=tokens, H=H, V=V, what=f"part {key}", error=parts.get(f"error_{key}", "?")))
+            else:
+                rows.append(dict(head=head, N=tokens, H=H, V=V, what=f"part {key}", total_ms=ms, x_gemm=ms / one,
+                                 tflops=flop / ms / 1e9))
         variants = [("triton", dict(fwd=f, bwd=b)) for f in ("fused", "split") for b in ("workspace", "atomic")]
         variants += [("triton", dict()), ("torch", dict())]
         for backend, kw in variants:

@@ -52,3 +52,25 @@ def test_a_wrong_backend_fails_with_exit_1(tmp_path, monkeypatch, capsys):
     failed = {r["backend"] for r in rep["parity"] if not r["ok"]}
     assert failed == {"triton[fwd=split,bwd=atomic]"}
     assert "failed" in capsys.readouterr().out
+
+
+def test_workspace_parts_all_run():
+    """Every part the selfcheck and bwd_breakdown.py time runs (interpreter, a timer that calls
+    each part once), none reports an error, and the workspace covers the rows."""
+    g = torch.Generator().manual_seed(0)
+    N, H, V = 40, 16, 77
+    h, w = torch.randn(N, H, generator=g), torch.randn(V, H, generator=g) * 0.3
+    t = torch.randint(0, V, (N,), generator=g)
+    t[::3] = -100
+    up = torch.randn(N, generator=g)
+    calls = []
+
+    def time_part(fn):
+        fn()
+        calls.append(fn)
+        return 1.0
+
+    parts = selfcheck.workspace_parts(h, w, t, up, time_part=time_part)
+    assert {f"{k}_ms" for k in ("gemm", "fwd", "fwd_split", "dz", "dh", "dw")} <= set(parts), parts
+    assert not [k for k in parts if k.startswith("error_")]
+    assert parts["chunk_rows"] >= N and len(calls) == 6
