@@ -235,8 +235,12 @@ def tune(candidates: Sequence[Dict[str, str]], *, run: Callable[[Dict[str, str]]
     for _ in range(REPEATS):
         if not fns or (samples and min(map(len, samples.values())) > 0 and clock() > deadline):
             break
-        for name, (c, fn) in fns.items():
-            samples[name].append(float(timer(c, fn)))
+        for name, (c, fn) in list(fns.items()):
+            try:
+                samples[name].append(float(timer(c, fn)))
+            except Exception as err:  # noqa: BLE001 - e.g. out of memory at first use: drop it
+                probe_report[name] = f"failed while timed: {type(err).__name__}"
+                del fns[name], samples[name]
     times = {n: sorted(xs)[len(xs) // 2] for n, xs in samples.items() if xs}
     best = min(times, key=times.get) if times else None
     return {"choice": None if best is None else dict(fns[best][0]), "times_ms": times, "probe": probe_report}
@@ -261,10 +265,10 @@ def _candidate_runs(hidden, weight, bias, *, temperature, softcap, with_entropy,
     t_time = torch.randint(0, V, (rows,), generator=g).to(hidden.device)
     kw = dict(temperature=temperature, softcap=softcap, return_entropy=with_entropy)
 
-    def call(c, h, t, leaves_need_grad=True, backend="triton"):
+    def call(c, h, t, backend="triton"):
         # New leaves sharing the caller's storage (no copy of the weight).
         hh = h.detach().requires_grad_()
-        ww = w0.detach().requires_grad_() if leaves_need_grad else w0
+        ww = w0.detach().requires_grad_()
         bb = None if b0 is None else b0.detach().requires_grad_()
         extra = dict(c) if backend == "triton" else {}
         out = linear_logprobs(hh, ww, t, bias=bb, backend=backend, **kw, **extra)
@@ -278,7 +282,7 @@ def _candidate_runs(hidden, weight, bias, *, temperature, softcap, with_entropy,
         return lambda: call(c, h_time, t_time)
 
     pr = min(h_all.shape[0], PROBE_ROWS)
-    h_probe = h_all[:pr].float() if h_all.dtype == torch.float32 else h_all[:pr]
+    h_probe = h_all[:pr]
     t_probe = torch.randint(0, V, (pr,), generator=g).to(hidden.device)
     want = None
 

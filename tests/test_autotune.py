@@ -214,6 +214,7 @@ def _rank_worker(rank, world, port, root):
         dist.destroy_process_group()
 
 
+@pytest.mark.distributed
 def test_two_gloo_ranks_with_different_caches_agree(tmp_path):
     """Rank 0's cache says fused+atomic, rank 1's says split+workspace: both use rank 0's."""
     key = autotune.tuning_key(*FAKE_DEVICE, torch.float32, H, V, bias=True, softcap=True, entropy=False)
@@ -252,3 +253,16 @@ def test_linear_logprobs_takes_the_choice_only_for_auto(monkeypatch):
     cpu = SimpleNamespace(device=SimpleNamespace(type="cpu"))
     monkeypatch.setattr(autotune, "tuned_choice", lambda *a, **k: pytest.fail("asked off CUDA"))
     assert logprobs._tuned_variant(cpu, None, None, "auto", "auto", *rest) == ("auto", "auto")
+
+
+def test_a_candidate_that_fails_while_timed_is_dropped():
+    def timer(c, fn):
+        if c["fwd"] == "split":
+            raise RuntimeError("CUDA out of memory")
+        return TIMES[(c["fwd"], c["bwd"])]
+
+    res = autotune.tune(autotune.CANDIDATES, run=lambda c: (lambda: None), probe=lambda c: (True, ""),
+                        timer=timer, budget_s=1.0, clock=FakeClock())
+    assert res["choice"] == {"fwd": "fused", "bwd": "workspace"}
+    assert res["probe"]["bwd=workspace,fwd=split"] == "failed while timed: RuntimeError"
+    assert set(res["times_ms"]) == {"bwd=workspace,fwd=fused", "bwd=atomic,fwd=fused"}

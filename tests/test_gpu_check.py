@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import gpu_check  # noqa: E402
@@ -25,6 +27,7 @@ def test_plan_puts_the_decisive_rows_first():
     assert every <= set(P.PROVIDERS)
 
 
+@pytest.mark.slow
 def test_dry_run_prints_its_order_and_returns_rows(tmp_path):
     env = dict(os.environ, GPU_CHECK_DRY="1")
     env.pop("TRITON_INTERPRET", None)

@@ -14,6 +14,7 @@ from iris_kernels import autograd, selfcheck
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path (interpreter, no timing)")
 def test_selfcheck_subprocess_exit_0_and_json(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
