@@ -23,7 +23,8 @@ Sections (stdout table; the same in ``--json``, default ``iris_kernels_selfcheck
              parts of the default path (fwd, split fwd, dZ, dH, dW: ``workspace_parts``), and
              forward / backward / total of each triton variant and of the torch backend;
   autotune   (CUDA) the autotuner's choice per head (iris_kernels.autotune);
-  peers      installed peers (Liger, CCE, TRL's op) and whether their op imports.
+  peers      installed peers (Liger, CCE, TRL's op) and whether their op imports; on CUDA in a
+             checkout also their fwd / bwd / total at the same heads (benchmarks/providers.py).
 Exit status 1 on any parity failure, 0 otherwise. Timing uses iris_kernels.measure, the core the
 benchmarks share.
 """
@@ -333,12 +334,14 @@ def workspace_parts(hidden, weight, targets, up, *, time_part, workspace_bytes=N
     return out
 
 
-def run_timing(heads: Dict[str, tuple], tokens: int, dtype: torch.dtype, repeats: int) -> List[dict]:
-    """fwd / bwd / total of each variant against one cuBLAS product and the four-product floor."""
+def run_timing(heads: Dict[str, tuple], tokens: int, dtype: torch.dtype, repeats: int,
+               device: Optional[torch.device] = None) -> List[dict]:
+    """fwd / bwd / total of each variant against one cuBLAS product and the four-product floor
+    (``device``: CUDA; the CPU only to test this code through the interpreter)."""
     from . import linear_logprobs
     from .measure import summarize, time_call, time_fwd_bwd
 
-    dev = torch.device("cuda")
+    dev = device or torch.device("cuda")
     rows = []
     for head, (H, V) in heads.items():
         g = torch.Generator(device="cpu").manual_seed(0)
@@ -360,7 +363,8 @@ def run_timing(heads: Dict[str, tuple], tokens: int, dtype: torch.dtype, repeats
         for key in ("fwd", "fwd_split", "dz", "dh", "dw"):
             ms = parts.get(f"{key}_ms")
             if ms is None:
-                rows.append(dict(head=head, N=tokens, H=H, V=V, what=f"part {key}", error=parts.get(f"error_{key}", "?")))
+                rows.append(dict(head=head, N=tokens, H=H, V=V, what=f"part {key}",
+                                 error="failed: " + str(parts.get(f"error_{key}", "?"))))
             else:
                 rows.append(dict(head=head, N=tokens, H=H, V=V, what=f"part {key}", total_ms=ms, x_gemm=ms / one,
                                  tflops=flop / ms / 1e9))
@@ -389,12 +393,69 @@ def run_timing(heads: Dict[str, tuple], tokens: int, dtype: torch.dtype, repeats
                 rows.append(dict(head=head, N=tokens, H=H, V=V, what=label, fwd_ms=fm, bwd_ms=bm, total_ms=tot,
                                  x_floor=tot / (4 * one), tflops=4 * flop / tot / 1e9))
             except Exception as err:  # noqa: BLE001
-                rows.append(dict(head=head, N=tokens, H=H, V=V, what=label, error=f"{type(err).__name__}: {err}"[:300]))
+                rows.append(dict(head=head, N=tokens, H=H, V=V, what=label,
+                                 error=f"failed: {type(err).__name__}: {err}"[:300]))
             finally:
                 hh.grad = ww.grad = None
-                torch.cuda.empty_cache()
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
         del h, w
-        torch.cuda.empty_cache()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+PEER_PROVIDERS = ("liger-flce", "liger-cute-sce", "cce", "trl-chunked")
+
+
+def run_peer_timing(heads: Dict[str, tuple], tokens: int, dtype: torch.dtype, repeats: int,
+                    device: Optional[torch.device] = None) -> List[dict]:
+    """The installed peers' fwd + bwd at the same heads, through benchmarks/providers.py (the
+    benchmark's own adapters) when this is a checkout; in a pip install the peers are listed, not timed."""
+    from pathlib import Path
+
+    from .measure import summarize, time_fwd_bwd
+
+    bench = Path(__file__).resolve().parent.parent / "benchmarks"
+    if not (bench / "providers.py").exists():
+        return [dict(head="-", what="peers", error="not timed: benchmarks/ not found (not a checkout)")]
+    if str(bench) not in sys.path:
+        sys.path.insert(0, str(bench))
+    import providers as P  # noqa: PLC0415 - from the checkout, on demand
+    from cases import Shape, make_case  # noqa: PLC0415
+
+    dev = device or torch.device("cuda")
+    rows = []
+    for head, (H, V) in heads.items():
+        case = make_case(Shape(tokens, H, V, head), dtype, dev, seed=0)
+        for name in PEER_PROVIDERS:
+            prov = P.get(name)
+            reason = prov.skip_reason(dev, dtype, "logprobs")
+            if reason:
+                rows.append(dict(head=head, N=case.N, H=H, V=V, what=name, error=f"skipped: {reason}"))
+                continue
+            try:
+                prov.setup(case)
+                samples = []
+                for i in range(repeats + 1):
+                    case.hidden.grad = case.weight.grad = None
+                    f, b, _ = time_fwd_bwd(lambda: prov.forward(case, "logprobs"),
+                                           lambda o: prov.backward(o, case, "logprobs"), dev)
+                    if i:
+                        samples.append((f, b))
+                rows.append(dict(head=head, N=case.N, H=H, V=V, what=name,
+                                 fwd_ms=summarize([x[0] for x in samples])[0], bwd_ms=summarize([x[1] for x in samples])[0],
+                                 total_ms=summarize([x[0] + x[1] for x in samples])[0]))
+            except Exception as err:  # noqa: BLE001
+                rows.append(dict(head=head, N=case.N, H=H, V=V, what=name,
+                                 error=f"failed: {type(err).__name__}: {err}"[:300]))
+            finally:
+                case.hidden.grad = case.weight.grad = None
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+        del case
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -452,7 +513,7 @@ def format_report(rep: dict) -> str:
                       f"{'x floor':>7s} {'TFLOP/s':>8s}"]
         for r in rep["timing"]:
             if "error" in r:
-                lines.append(f"{r['head']:11s} {r['N']:>6d} {r['what']:36s} failed: {r['error']}")
+                lines.append(f"{r['head']:11s} {r.get('N', 0):>6d} {r['what']:36s} {r['error']}")
                 continue
 
             def g(k, spec=".2f"):
@@ -511,6 +572,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         rep["kernels"] = compiled_kernels()
         if not args.no_timing:
             rep["timing"] = run_timing(heads, args.tokens, DTYPES[args.dtype], args.repeats)
+            rep["timing"] += run_peer_timing(heads, args.tokens, DTYPES[args.dtype], args.repeats)
             rep["autotune"] = run_autotune(heads, args.tokens, DTYPES[args.dtype])
             rep["kernels"] = compiled_kernels()  # now with the real heads' kernels too
         rep["note"] = "GPU timed with CUDA events (iris_kernels.measure)." if rep["timing"] else "GPU: parity only."

@@ -75,3 +75,24 @@ def test_workspace_parts_all_run():
     assert {f"{k}_ms" for k in ("gemm", "fwd", "fwd_split", "dz", "dh", "dw")} <= set(parts), parts
     assert not [k for k in parts if k.startswith("error_")]
     assert parts["chunk_rows"] >= N and len(calls) == 6
+
+
+def test_gpu_sections_run_on_the_cpu_through_the_interpreter():
+    """The CUDA-only sections' code (timing rows, parts, peers through benchmarks/providers.py,
+    the compiled-kernel reader, the table) run at a tiny head on the CPU, so that a typo in them
+    cannot first show on a GPU. The numbers mean nothing here."""
+    cpu = torch.device("cpu")
+    heads = {"tiny": (16, 50)}
+    rows = selfcheck.run_timing(heads, 32, torch.float32, 1, device=cpu)
+    whats = [r["what"] for r in rows]
+    assert whats[:2] == ["one cuBLAS product", "four-product floor"]
+    assert {"part fwd", "part fwd_split", "part dz", "part dh", "part dw", "triton[fwd=split,bwd=atomic]",
+            "triton[auto]", "torch"} <= set(whats)
+    assert not [r for r in rows if "error" in r], [r for r in rows if "error" in r]
+    peers = selfcheck.run_peer_timing(heads, 32, torch.float32, 1, device=cpu)
+    assert [r["what"] for r in peers] == list(selfcheck.PEER_PROVIDERS)
+    assert all(("total_ms" in r) or r["error"].startswith("skipped: ") for r in peers), peers
+    assert isinstance(selfcheck.compiled_kernels(), list)
+    rep = dict(versions={}, device={}, wgrad={}, peers={}, parity=[], kernels=[], timing=rows + peers, autotune=[],
+               note="")
+    assert "four-product floor" in selfcheck.format_report(rep)
