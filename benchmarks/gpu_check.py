@@ -115,6 +115,18 @@ def summary(out: Path) -> str:
     return "\n".join(lines)
 
 
+def autotune_summary(folder: Path) -> str:
+    """The autotuner's choices made during the run (its cache file), one line per key."""
+    files = sorted(folder.glob("autotune-v*.json")) if folder.exists() else []
+    if not files:
+        return "autotune: no choice made in this run (CPU, tuning off, or the default path never ran)"
+    lines = []
+    for f in files:
+        for key, e in json.loads(f.read_text()).get("entries", {}).items():
+            lines.append(f"autotune: {key} -> fwd={e.get('fwd')} bwd={e.get('bwd')} times_ms={e.get('times_ms')}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT") or str(HERE / "results" / "gpu"))
@@ -136,6 +148,9 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "rows.jsonl").unlink(missing_ok=True)
     env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    # The autotuner's cache goes to $OUT (it comes back with the results): its choice and the times
+    # it measured, next to the rows that measure the same variants.
+    env.setdefault("IRIS_KERNELS_CACHE_DIR", str(out / "autotune"))
     if args.dry:
         env.pop("TRITON_INTERPRET", None)  # bench_loss sets it for its interpreter rows only
     start = time.monotonic()
@@ -192,6 +207,7 @@ def main(argv=None) -> int:
     print("\n== summary (every row, in the order measured; rows.jsonl has all fields)")
     print(summary(out))
     print(f"\nselfcheck: rc={sc_rc} ({out / 'selfcheck.json'})")
+    print(autotune_summary(Path(env["IRIS_KERNELS_CACHE_DIR"])))
     print("phase times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     print(f"whole run: {time.monotonic() - start:.0f} s")
     if failed:
