@@ -1,8 +1,8 @@
 """``python -m iris_kernels.selfcheck``: what this machine runs, whether it is right, and how fast.
 
-Run it first on a new GPU, and paste its JSON into bug reports. About a minute on a GPU; on a
-machine without CUDA it runs the parity part through the Triton interpreter at tiny shapes and
-says that no GPU was timed.
+Run it first on a new GPU, and paste its JSON into bug reports. Meant to take about a minute on a
+GPU (not yet run on one); on a machine without CUDA it runs the parity part through the Triton
+interpreter at tiny shapes and says that no GPU was timed.
 
 Sections (stdout table; the same in ``--json``, default ``iris_kernels_selfcheck.json``):
   versions   python, torch, triton, numpy, iris-kernels, and the peers if installed;
