@@ -36,6 +36,7 @@ everywhere (no tuning, no cache); explicit ``fwd=`` / ``bwd=`` arguments still w
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import logging
 import os
@@ -129,10 +130,16 @@ def cache_path() -> Path:
 
 
 def cuda_device_info(device: torch.device) -> Tuple[str, Tuple[int, int]]:
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _cuda_device_info(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_device_info(index: int) -> Tuple[str, Tuple[int, int]]:
+    # Once per device: the key is built at every call of linear_logprobs on CUDA.
     return torch.cuda.get_device_name(index), tuple(torch.cuda.get_device_capability(index))
 
 
+@functools.lru_cache(maxsize=None)
 def _triton_version() -> str:
     try:
         import triton
