@@ -38,7 +38,7 @@ import torch  # noqa: E402
 
 from iris_kernels import autograd as A  # noqa: E402
 from iris_kernels import linear_logprobs  # noqa: E402
-from iris_kernels.selfcheck import workspace_parts  # noqa: E402
+from iris_kernels.device_timing import workspace_parts  # noqa: E402
 from iris_kernels.tuning import AUTO  # noqa: E402
 
 SHAPES = {"zephyr-7b": (4096, 32000), "qwen2.5-3b": (2048, 151936)}
