@@ -133,9 +133,11 @@ def workspace_parts(hidden, weight, targets, up, *, time_part, workspace_bytes=N
 
 
 def run_timing(heads: Dict[str, tuple], tokens: int, dtype: torch.dtype, repeats: int,
-               device: Optional[torch.device] = None) -> List[dict]:
+               device: Optional[torch.device] = None, flags: Optional[dict] = None) -> List[dict]:
     """fwd / bwd / total of each variant against one cuBLAS product and the four-product floor
-    (``device``: CUDA; the CPU only to test this code through the interpreter)."""
+    (``device``: CUDA; the CPU only to test this code through the interpreter). ``flags``: the
+    user's feature set for the variant rows, {"bias": bool, "softcap": float | None, "entropy":
+    bool} (the parts are timed without features)."""
     from . import linear_logprobs
     from .measure import summarize, time_call, time_fwd_bwd
 
@@ -149,6 +151,10 @@ def run_timing(heads: Dict[str, tuple], tokens: int, dtype: torch.dtype, repeats
         t[torch.rand(tokens, generator=g).to(dev) < 0.375] = -100
         up = torch.randn(tokens, generator=g).to(dev)
         flop = 2.0 * tokens * H * V
+        fl = flags or {}
+        bias = (torch.randn(V, generator=g) * 0.5).to(dev, dtype) if fl.get("bias") else None
+        feat = dict(softcap=fl.get("softcap"), return_entropy=bool(fl.get("entropy")))
+
         def median_ms(fn):
             return summarize([time_call(fn, dev) for _ in range(repeats + 1)][1:])[0]  # first call: compile
 
@@ -172,20 +178,24 @@ def run_timing(heads: Dict[str, tuple], tokens: int, dtype: torch.dtype, repeats
             label = backend + (f"[fwd={kw['fwd']},bwd={kw['bwd']}]" if kw else "[auto]" if backend == "triton" else "")
             hh = h.detach().requires_grad_()
             ww = w.detach().requires_grad_()
+            bb = None if bias is None else bias.detach().requires_grad_()
 
             def fwd():
-                return linear_logprobs(hh, ww, t, backend=backend, **kw)
+                return linear_logprobs(hh, ww, t, bias=bb, backend=backend, **feat, **kw)
 
             def bwd(out):
-                out.backward(up)
+                if isinstance(out, torch.Tensor):
+                    out.backward(up)
+                else:  # with the entropy: both outputs carry a gradient, as in an entropy-regularised loss
+                    (out.logprobs * up + out.entropy).sum().backward()
 
             try:
                 samples = []
                 for i in range(repeats + 1):
                     hh.grad = ww.grad = None
-                    f, b, _ = time_fwd_bwd(fwd, bwd, dev)
+                    f_ms, b_ms, _ = time_fwd_bwd(fwd, bwd, dev)
                     if i:  # the first call compiles / tunes
-                        samples.append((f, b))
+                        samples.append((f_ms, b_ms))
                 fm, bm = summarize([s[0] for s in samples])[0], summarize([s[1] for s in samples])[0]
                 tot = summarize([s[0] + s[1] for s in samples])[0]
                 rows.append(dict(head=head, N=tokens, H=H, V=V, what=label, fwd_ms=fm, bwd_ms=bm, total_ms=tot,
@@ -197,7 +207,7 @@ def run_timing(heads: Dict[str, tuple], tokens: int, dtype: torch.dtype, repeats
                 hh.grad = ww.grad = None
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
-        del h, w
+        del h, w, bias
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     return rows
@@ -257,7 +267,7 @@ def run_peer_timing(heads: Dict[str, tuple], tokens: int, dtype: torch.dtype, re
     return rows
 
 
-def run_autotune(heads: Dict[str, tuple], tokens: int, dtype: torch.dtype) -> List[dict]:
+def run_autotune(heads: Dict[str, tuple], tokens: int, dtype: torch.dtype, flags: Optional[dict] = None) -> List[dict]:
     from .autotune import cache_path, tuned_choice
 
     rows = []
@@ -265,7 +275,10 @@ def run_autotune(heads: Dict[str, tuple], tokens: int, dtype: torch.dtype) -> Li
         h = torch.randn(tokens, H, device="cuda", dtype=dtype)
         w = torch.randn(V, H, device="cuda", dtype=dtype) * (2.0 / math.sqrt(H))
         try:
-            rows.append(dict(head=head, choice=tuned_choice(h, w, None), cache=str(cache_path())))
+            fl = flags or {}
+            bias = torch.zeros(V, device="cuda", dtype=dtype) if fl.get("bias") else None
+            choice = tuned_choice(h, w, bias, softcap=fl.get("softcap"), with_entropy=bool(fl.get("entropy")))
+            rows.append(dict(head=head, choice=choice, cache=str(cache_path())))
         except Exception as err:  # noqa: BLE001
             rows.append(dict(head=head, error=f"{type(err).__name__}: {err}"[:300]))
         del h, w

@@ -21,7 +21,8 @@ Sections (stdout table; the same in ``--json``, default ``iris_kernels_selfcheck
   timing     (CUDA) per real head (--heads, default Zephyr-7B 4096 x 32000 and Qwen2.5-3B
              2048 x 151936) at --tokens rows: one cuBLAS product, the four-product floor, the
              parts of the default path (fwd, split fwd, dZ, dH, dW: ``workspace_parts``), and
-             forward / backward / total of each triton variant and of the torch backend;
+             forward / backward / total of each triton variant and of the torch backend, with
+             the user's flags (--bias, --softcap, --entropy; also the autotuner's key);
   autotune   (CUDA) the autotuner's choice per head (iris_kernels.autotune);
   peers      installed peers (Liger, CCE, TRL's op) and whether their op imports; on CUDA in a
              checkout also their fwd / bwd / total at the same heads (benchmarks/providers.py).
@@ -285,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--parity-dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     ap.add_argument("--quick", action="store_true", help="two triton variants instead of four in the parity part")
     ap.add_argument("--no-timing", action="store_true", help="parity only, even on CUDA")
+    ap.add_argument("--bias", action="store_true", help="time (and tune) with a bias, as your head has one (CUDA)")
+    ap.add_argument("--softcap", type=float, help="time (and tune) with this logit soft-cap (CUDA)")
+    ap.add_argument("--entropy", action="store_true", help="time (and tune) with the entropy returned (CUDA)")
     return ap
 
 
@@ -297,6 +301,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         cmd = [sys.executable, "-m", "iris_kernels.selfcheck", *(argv if argv is not None else sys.argv[1:])]
         return subprocess.run(cmd, env=env).returncode
     heads = HEADS
+    if args.softcap is not None and not (math.isfinite(args.softcap) and args.softcap > 0):
+        raise SystemExit(f"--softcap must be a finite number > 0, got {args.softcap}")
     if args.heads:
         heads = {}
         for spec in args.heads:
@@ -313,9 +319,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if gpu:
         rep["kernels"] = compiled_kernels()
         if not args.no_timing:
-            rep["timing"] = run_timing(heads, args.tokens, DTYPES[args.dtype], args.repeats)
+            flags = dict(bias=args.bias, softcap=args.softcap, entropy=args.entropy)
+            rep["timing"] = run_timing(heads, args.tokens, DTYPES[args.dtype], args.repeats, flags=flags)
             rep["timing"] += run_peer_timing(heads, args.tokens, DTYPES[args.dtype], args.repeats)
-            rep["autotune"] = run_autotune(heads, args.tokens, DTYPES[args.dtype])
+            rep["autotune"] = run_autotune(heads, args.tokens, DTYPES[args.dtype], flags=flags)
             rep["kernels"] = compiled_kernels()  # now with the real heads' kernels too
         rep["note"] = "GPU timed with CUDA events (iris_kernels.measure)." if rep["timing"] else "GPU: parity only."
     else:

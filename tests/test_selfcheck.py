@@ -89,6 +89,9 @@ def test_gpu_sections_run_on_the_cpu_through_the_interpreter():
     assert {"part fwd", "part fwd_split", "part dz", "part dh", "part dw", "triton[fwd=split,bwd=atomic]",
             "triton[auto]", "torch"} <= set(whats)
     assert not [r for r in rows if "error" in r], [r for r in rows if "error" in r]
+    flagged = selfcheck.run_timing(heads, 32, torch.float32, 1, device=cpu,
+                                   flags=dict(bias=True, softcap=5.0, entropy=True))
+    assert not [r for r in flagged if "error" in r], [r for r in flagged if "error" in r]
     peers = selfcheck.run_peer_timing(heads, 32, torch.float32, 1, device=cpu)
     assert [r["what"] for r in peers] == list(selfcheck.PEER_PROVIDERS)
     assert all(("total_ms" in r) or r["error"].startswith("skipped: ") for r in peers), peers
