@@ -1,7 +1,7 @@
 # The two set-up commands of the README. Each creates or reuses .venv with the pinned set.
 PY := .venv/bin/python
 
-.PHONY: venv bench test test-fast gpu-check
+.PHONY: venv bench test test-fast gpu-check selfcheck
 
 venv:
 	@bash scripts/ensure_venv.sh
@@ -17,3 +17,8 @@ test: venv
 
 gpu-check:
 	bash benchmarks/gpu_check.sh
+
+## make selfcheck: versions, parity of every backend against fp64 and, on CUDA, kernels, timings and the
+## autotuner's choice (python -m iris_kernels.selfcheck; writes iris_kernels_selfcheck.json)
+selfcheck: venv
+	$(PY) -m iris_kernels.selfcheck $(ARGS)

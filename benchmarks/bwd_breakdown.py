@@ -7,6 +7,7 @@ Per shape (zephyr-7b H4096 V32000, qwen2.5-3b H2048 V151936), with ~40 % ignored
 upstream gradient, CUDA-event medians after warm-up of:
   gemm        one logits product hidden @ W^T (N x H x V): the unit of the four-GEMM floor
   fwd         the fused forward kernel (online log-sum-exp over all N rows, no compaction)
+  fwd_split   the split forward (cuBLAS fp32 logits per chunk + the Triton row kernel)
   dz          the workspace dZ kernel over all chunks (recompute + gradient + one store)
   dh          the chunks' dHidden = G W products
   dw          the chunks' dWeight += G^T h products (fp32 accumulation; autograd.WGRAD_PATH says how)
@@ -37,9 +38,8 @@ import torch  # noqa: E402
 
 from iris_kernels import autograd as A  # noqa: E402
 from iris_kernels import linear_logprobs  # noqa: E402
-from iris_kernels.ops.logits_grad import logits_grad  # noqa: E402
-from iris_kernels.ops.logprobs_fwd import logprobs_fwd  # noqa: E402
-from iris_kernels.tuning import AUTO, padded_vocab, workspace_rows  # noqa: E402
+from iris_kernels.device_timing import workspace_parts  # noqa: E402
+from iris_kernels.tuning import AUTO  # noqa: E402
 
 SHAPES = {"zephyr-7b": (4096, 32000), "qwen2.5-3b": (2048, 151936)}
 VARIANTS = {
@@ -48,6 +48,7 @@ VARIANTS = {
     "ws-nocompact": dict(bwd="workspace", compact=False),
     "atomic-compact": dict(bwd="atomic", compact=True),
     "atomic-nocompact": dict(bwd="atomic", compact=False),
+    "split-ws-compact": dict(bwd="workspace", compact=True, fwd="split"),
 }
 
 
@@ -86,47 +87,13 @@ def run_shape(name, N, H, V, dtype, device, warmup, repeats):
     def tflops(ms, f=flop):
         return round(f / (ms * 1e-3) / 1e12, 1)
 
-    ms = timer(device, lambda: hidden @ weight.t(), warmup, repeats)
-    rec.update(gemm_ms=ms, gemm_tflops=tflops(ms))
-    tiles = A.tile_config(hidden, forward=True)
-    fwd_kw = dict(inv_temperature=1.0, softcap=None, with_entropy=False, upcast=A.interpreting(), tiles=tiles)
-    ms = timer(device, lambda: logprobs_fwd(hidden, weight, targets, None, **fwd_kw), warmup, repeats)
-    rec.update(fwd_ms=ms, fwd_tflops=tflops(ms))
-
-    # The workspace backward's parts, no compaction, chunk by chunk as autograd runs them.
-    gtiles = A.tile_config(hidden, forward=False, workspace=True)
-    C = workspace_rows(V, hidden.element_size(), AUTO["cuda"]["workspace_bytes"], N, multiple=gtiles[0])
-    ws = torch.empty((C, padded_vocab(V)), dtype=dtype, device=device)[:, :V]
-    lse = torch.logsumexp((hidden @ weight.t()).float(), -1) if N * V <= 1 << 31 else torch.cat(
-        [torch.logsumexp((hidden[i:i + 4096] @ weight.t()).float(), -1) for i in range(0, N, 4096)])
-    c_lp = torch.where(targets != -100, up, 0.0).contiguous()
-    chunks = [(s, min(s + C, N)) for s in range(0, N, C)]
-
-    def dz():
-        for s, e in chunks:
-            logits_grad(hidden[s:e], weight, targets[s:e], None, lse[s:e], None, None, c_lp[s:e], None, None,
-                        ws[: e - s], None, row0=s, n_valid=None, inv_temperature=1.0, softcap=None,
-                        temperature=1.0, upcast=A.interpreting(), tiles=gtiles)
-
-    dz()  # fills the workspace with real gradients for the products below
-    gh = torch.empty_like(hidden)
-
-    def dh():
-        for s, e in chunks:
-            torch.mm(ws[: e - s], weight, out=gh[s:e])
-
-    gw = torch.zeros(V, H, dtype=torch.float32, device=device)
-
-    def dw():
-        for s, e in chunks:
-            A._accumulate_wgrad(gw, ws[: e - s], hidden[s:e])
-
-    rec["chunk_rows"] = C
-    for part, fn in (("dz", dz), ("dh", dh), ("dw", dw)):
-        ms = timer(device, fn, warmup, repeats)
-        rec[f"{part}_ms"] = ms
-        rec[f"{part}_tflops"] = tflops(ms)
-    rec["wgrad_path"] = dict(A.WGRAD_PATH)
+    # The parts (one product, fused / split forward, dZ, dH, dW): the selfcheck's code, so that
+    # the two report the same thing (issue 17); a failing part is an error_<part> field.
+    parts = workspace_parts(hidden, weight, targets, up, time_part=lambda fn: timer(device, fn, warmup, repeats))
+    rec.update(parts)
+    for key in ("gemm", "fwd", "fwd_split", "dz", "dh", "dw"):
+        if f"{key}_ms" in parts:
+            rec[f"{key}_tflops"] = tflops(parts[f"{key}_ms"])
 
     for vname, kw in VARIANTS.items():
         kw = dict(kw)
@@ -154,6 +121,8 @@ def run_shape(name, N, H, V, dtype, device, warmup, repeats):
                     times.append(t)
             rec[f"bwd_{vname}_ms"] = statistics.median(times)
         except Exception as e:  # noqa: BLE001 - one failing variant must not end the run
+            if device.type == "cuda":
+                torch.cuda.synchronize()
             rec[f"error_{vname}"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1:] }"[:300]
         del h, w, box
     if device.type == "cuda":

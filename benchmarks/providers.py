@@ -135,6 +135,9 @@ class Provider:
 
     # liger-dpo optimises another objective: it is shown, but never "the best peer" of an IRIS row.
     comparable = True
+    # A frozen head (lm_head.weight.requires_grad = False): no weight gradient is due, and one
+    # produced anyway is an error.
+    frozen_head = False
 
     def skip_reason(
         self, device: torch.device, dtype: torch.dtype, workload: str, interpreter: bool = False
@@ -404,7 +407,8 @@ class IrisTriton(IrisBackend):
 
 
 class IrisTritonVariant(IrisTriton):
-    """backend="triton" with one backward variant and compaction setting pinned (issue 8).
+    """backend="triton" with the forward, the backward variant and compaction pinned (issues 8, 17);
+    the forward is the fused one unless the name says "split" (no autotuning in these rows).
 
     ``host_count``: pass the number of scored positions, counted on the host in setup() (outside
     the timed region, as a training harness knows it from the labels it built), so that only the
@@ -412,15 +416,15 @@ class IrisTritonVariant(IrisTriton):
     products of the workspace backward still span all N rows.
     """
 
-    def __init__(self, name: str, bwd: str, compact: bool, host_count: bool = False):
-        self.name, self.bwd, self.compact, self.host_count = name, bwd, compact, host_count
+    def __init__(self, name: str, bwd: str, compact: bool, host_count: bool = False, fwd: str = "fused"):
+        self.name, self.bwd, self.compact, self.host_count, self.fwd = name, bwd, compact, host_count, fwd
 
     def setup(self, case):
         super().setup(case)
         self._num_valid = int((case.targets != IGNORE_INDEX).sum()) if self.host_count else None
 
     def _kw(self):
-        return dict(bwd=self.bwd, compact=self.compact, num_valid=self._num_valid)
+        return dict(bwd=self.bwd, compact=self.compact, num_valid=self._num_valid, fwd=self.fwd)
 
     def logprobs(self, hidden, weight, targets):
         return iris_kernels.linear_logprobs(
@@ -433,6 +437,72 @@ class IrisTritonVariant(IrisTriton):
             **self._kw(),
         )
         return self._objective(seq, case)
+
+
+class LigerCuteScaledCE(Provider):
+    """Liger's fused linear scaled cross-entropy on its CuTe-DSL SM90 kernel (tensor-core GEMMs with
+    the softmax in the epilogue): the published ~698 TFLOP/s anchor (H100, H 4096, V 131072),
+    measured here rather than quoted. Only where that kernel itself runs: sm_90 with Liger's
+    CuTe-DSL module importable (it needs nvidia-cutlass-dsl); elsewhere Liger falls back to a torch
+    path, which is not what this row is for, so the row is skipped with the reason."""
+
+    name = "liger-cute-sce"
+
+    def skip_reason(self, device, dtype, workload, interpreter=False):
+        if not _installed("liger_kernel"):
+            return "liger-kernel is not installed"
+        if device.type != "cuda":
+            return "Liger's CuTe-DSL scaled CE runs only on CUDA sm_90"
+        cap = torch.cuda.get_device_capability(device)
+        if tuple(cap) != (9, 0):
+            return f"Liger's CuTe-DSL scaled CE runs only on sm_90 (this device is sm_{cap[0]}{cap[1]})"
+        try:
+            importlib.import_module("liger_kernel.ops.cutedsl.ops.fused_scaled_cross_entropy_sm90")
+        except Exception as err:  # noqa: BLE001 - any import failure is a skip line
+            return f"Liger's CuTe-DSL kernel is not importable (needs nvidia-cutlass-dsl): {type(err).__name__}: {err}"[:300]
+        return super().skip_reason(device, dtype, workload, interpreter)
+
+    def setup(self, case):
+        super().setup(case)
+        from liger_kernel.ops.fused_linear_scaled_cross_entropy import LigerFusedLinearScaledCrossEntropyFunction
+
+        self._fn = LigerFusedLinearScaledCrossEntropyFunction
+
+    def logprobs(self, hidden, weight, targets):
+        out = self._fn.apply(hidden, weight, targets, 1.0, IGNORE_INDEX)
+        nll = out[0] if isinstance(out, tuple) else out
+        return -nll.float()
+
+
+class IrisTritonFrozen(IrisTritonVariant):
+    """The default triton path with a frozen head: the weight is used detached, so no dWeight (the
+    cheapest backward: dHidden only; its floor is three products, not four)."""
+
+    frozen_head = True
+
+    def __init__(self):
+        super().__init__("iris-triton-frozen", "workspace", True, fwd="fused")
+
+    def logprobs(self, hidden, weight, targets):
+        return super().logprobs(hidden, weight.detach(), targets)
+
+    def selfplay(self, case):
+        seq = iris_kernels.sequence_logprobs(
+            case.hidden, case.weight.detach(), case.labels, shift=True, ignore_index=IGNORE_INDEX, backend="triton",
+            **self._kw(),
+        )
+        return self._objective(seq, case)
+
+
+class IrisTritonComposed(IrisTriton):
+    """IRIS composed on the library's own per-token output (linear_logprobs -> per-sequence sums ->
+    iris_loss), against "iris-triton"'s fused sequence_logprobs + iris_loss: what fusing buys."""
+
+    name = "iris-triton-composed"
+    workloads = ("selfplay",)
+
+    def selfplay(self, case):
+        return Provider.selfplay(self, case)
 
 
 class CutCrossEntropyExact(CutCrossEntropy):
@@ -496,6 +566,11 @@ PROVIDERS: Dict[str, Provider] = {
         IrisTritonVariant("iris-triton-ws-nocompact", "workspace", False),
         IrisTritonVariant("iris-triton-atomic", "atomic", True),
         IrisTritonVariant("iris-triton-atomic-nocompact", "atomic", False),
+        IrisTritonVariant("iris-triton-split", "workspace", True, fwd="split"),
+        IrisTritonVariant("iris-triton-split-atomic", "atomic", True, fwd="split"),
+        IrisTritonFrozen(),
+        IrisTritonComposed(),
+        LigerCuteScaledCE(),
         Floor(),
     )
 }

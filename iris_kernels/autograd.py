@@ -1,7 +1,9 @@
 """autograd.Function glue between the Triton kernels and PyTorch.
 
-Forward: one launch of the log-sum-exp kernel (the logits never leave registers) and a merge of
-the per-split statistics; saves only hidden, weight, bias, targets and the fp32 lse (N floats),
+Forward, two variants (``LogprobsParams.fwd``): "fused", one launch of the log-sum-exp kernel (the
+logits never leave registers) and a merge of the per-split statistics; "split", per chunk of rows a
+cuBLAS product into fp32 logits and a Triton row kernel (ops/logprobs_split.py). Either one saves
+only hidden, weight, bias, targets and the fp32 lse (N floats),
 plus lse_lo (N floats: the rounding error of the fp32 lse, so that log p stays exact at a large
 common logit offset) and the per-row entropy H (N floats) when the entropy is asked for.
 
@@ -31,6 +33,7 @@ from .compaction import compact_order
 from .ops.logits_grad import logits_grad
 from .ops.logprobs_bwd import logprobs_bwd
 from .ops.logprobs_fwd import logprobs_fwd
+from .ops.logprobs_split import GPU_ROW_TILES, INTERPRETER_ROW_TILES, logprobs_split_fwd
 from .double_backward import no_double_backward
 from .reference import finalize_logprobs, masked_entropy
 from .tuning import padded_vocab, workspace_rows
@@ -142,6 +145,8 @@ class TritonLinearLogprobs(torch.autograd.Function):
             empty = torch.zeros(0, dtype=torch.float32, device=hidden.device)
             lse, target_z, lse_lo = empty, empty, empty
             entropy_rows = empty if params.return_entropy else None
+        elif params.fwd == "split":  # cuBLAS fp32 logits + a row kernel; same statistics as the fused forward
+            lse, target_z, entropy_rows, lse_lo = _split_forward(h_run, weight, t_run, bias, params, n_valid, upcast)
         else:
             lse, target_z, entropy_rows, lse_lo = logprobs_fwd(
                 h_run, weight, t_run, bias,
@@ -202,6 +207,15 @@ class TritonLinearLogprobs(torch.autograd.Function):
             None if grad_b is None else grad_b.to(bias.dtype),
             None,
         )
+
+
+def _split_forward(h_run, weight, t_run, bias, params, n_valid, upcast):
+    """(lse, target_z, H | None, lse_lo) by the split forward (ops/logprobs_split.py): the same
+    statistics as the fused forward, so either backward follows it."""
+    tiles = INTERPRETER_ROW_TILES if (upcast or h_run.device.type != "cuda") else GPU_ROW_TILES
+    return logprobs_split_fwd(h_run, weight, t_run, bias, inv_temperature=1.0 / params.temperature,
+                              softcap=params.softcap, with_entropy=params.return_entropy,
+                              chunk_bytes=params.workspace_bytes, tiles=tiles, n_valid=n_valid)
 
 
 def _gather(x, rows):

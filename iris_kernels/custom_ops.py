@@ -42,7 +42,7 @@ _FUNCTIONS = {"triton": TritonLinearLogprobs, "torch": ChunkedLinearLogprobs}
 # LogprobsParams' fields, in order, as the ops' scalar arguments (tests/test_compile.py checks
 # that this matches the dataclass).
 PARAM_FIELDS = ("ignore_index", "temperature", "softcap", "return_entropy", "chunk_size", "bwd", "compact",
-                "workspace_bytes", "num_valid")
+                "workspace_bytes", "num_valid", "fwd")
 
 # What each Function saves after (hidden, weight, targets, bias, lse): per-row [N] statistics in
 # the accumulation dtype; True marks one that exists only with return_entropy (None otherwise).
@@ -80,9 +80,10 @@ def linear_logprobs_fwd(
     hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor], backend: str,
     ignore_index: int, temperature: float, softcap: Optional[float], return_entropy: bool,
     chunk_size: Optional[int], bwd: str, compact: bool, workspace_bytes: int, num_valid: Optional[int],
+    fwd: str,
 ) -> Tuple[Tensor, Tensor, Tensor, List[Tensor]]:
     return _forward(hidden, weight, targets, bias, backend, ignore_index, temperature, softcap, return_entropy,
-                    chunk_size, bwd, compact, workspace_bytes, num_valid)
+                    chunk_size, bwd, compact, workspace_bytes, num_valid, fwd)
 
 
 @torch.compiler.disable
@@ -127,10 +128,11 @@ def linear_logprobs_bwd(
     need_hidden: bool, need_weight: bool, need_bias: bool, backend: str,
     ignore_index: int, temperature: float, softcap: Optional[float], return_entropy: bool,
     chunk_size: Optional[int], bwd: str, compact: bool, workspace_bytes: int, num_valid: Optional[int],
+    fwd: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     return _backward_op(hidden, weight, targets, bias, lse, extras, grad_logp, grad_lse, grad_entropy, need_hidden,
                         need_weight, need_bias, backend, ignore_index, temperature, softcap, return_entropy,
-                        chunk_size, bwd, compact, workspace_bytes, num_valid)
+                        chunk_size, bwd, compact, workspace_bytes, num_valid, fwd)
 
 
 @torch.compiler.disable

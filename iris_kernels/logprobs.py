@@ -14,7 +14,7 @@ from .chunked import ChunkedLinearLogprobs
 from .reference import reference_linear_logprobs
 from .custom_ops import apply_backend
 from .sharding import full_weights
-from .tuning import BACKWARDS, auto_choice
+from .tuning import BACKWARDS, FORWARDS, auto_choice
 from .types import Backend, LinearLogprobsOutput, LogprobsParams, accumulation_dtype
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -107,10 +107,12 @@ def check_targets_in_range(targets: torch.Tensor, vocab_size: int, ignore_index:
         )
 
 
-def _check_cuda_options(bwd, compact, workspace_bytes, num_valid):
-    """Type/range checks of the backend="triton" keywords (issue 8), before any work."""
+def _check_cuda_options(bwd, compact, workspace_bytes, num_valid, fwd="auto"):
+    """Type/range checks of the backend="triton" keywords (issues 8, 17), before any work."""
     if bwd != "auto" and bwd not in BACKWARDS:
         raise ValueError(f"bwd must be 'auto', 'workspace' or 'atomic', got {bwd!r}")
+    if fwd != "auto" and fwd not in FORWARDS:
+        raise ValueError(f"fwd must be 'auto', 'fused' or 'split', got {fwd!r}")
     if compact != "auto" and not isinstance(compact, bool):
         raise TypeError(f"compact must be True, False or 'auto', got {compact!r}")
     if workspace_bytes is not None and (
@@ -119,6 +121,21 @@ def _check_cuda_options(bwd, compact, workspace_bytes, num_valid):
         raise ValueError(f"workspace_bytes must be a positive int (bytes), got {workspace_bytes!r}")
     if num_valid is not None and (isinstance(num_valid, bool) or not isinstance(num_valid, int) or num_valid < 0):
         raise ValueError(f"num_valid must be a non-negative int, got {num_valid!r}")
+
+
+def _tuned_variant(hidden, weight, bias, fwd, bwd, temperature, softcap, return_entropy):
+    """(fwd, bwd) with "auto" replaced by the first-use autotuner's choice (CUDA only; see
+    iris_kernels.autotune). Off the GPU, with tuning off, or while torch.compile traces (measuring
+    is host work that must not enter a graph), both stay "auto" (then tuning.AUTO decides)."""
+    if hidden.device.type != "cuda" or torch.compiler.is_compiling():
+        return fwd, bwd
+    from .autotune import tuned_choice  # imported lazily: it reads the environment once per call
+
+    choice = tuned_choice(hidden, weight, bias, temperature=temperature, softcap=softcap,
+                          with_entropy=return_entropy)
+    if choice is None:
+        return fwd, bwd
+    return (choice["fwd"] if fwd == "auto" else fwd), (choice["bwd"] if bwd == "auto" else bwd)
 
 
 def linear_logprobs(
@@ -139,6 +156,7 @@ def linear_logprobs(
     compact: Union[bool, str] = "auto",
     workspace_bytes: Optional[int] = None,
     num_valid: Optional[int] = None,
+    fwd: str = "auto",
 ):
     """log p(targets | hidden) under the output projection ``weight``, without the [N, V] logits.
 
@@ -183,6 +201,12 @@ def linear_logprobs(
             compaction, only that many rows are gathered and launched (without it, the kernels
             read a device-resident count and the cuBLAS products run over all N rows). It must be
             exact: rows beyond it are treated as ignored; ``validate=True`` checks it.
+        fwd: backend="triton" forward: "fused" (one Triton kernel, the logits never leave
+            registers), "split" (per chunk of rows, a cuBLAS product writes fp32 logits, at most
+            ``workspace_bytes`` of them, and a Triton row kernel folds them into lse, target
+            logit and entropy: the robust variant where Triton's product is slow), or "auto"
+            (the first-use autotuner's choice on CUDA, iris_kernels.autotune; else
+            iris_kernels.tuning.AUTO). Same outputs and gradients either way.
 
     Returns:
         fp32 log-probs with targets' shape (fp64 for fp64 inputs; or a ``LinearLogprobsOutput``). Differentiable
@@ -203,12 +227,16 @@ def linear_logprobs(
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    _check_cuda_options(bwd, compact, workspace_bytes, num_valid)
+    _check_cuda_options(bwd, compact, workspace_bytes, num_valid, fwd)
     which = resolve_backend(backend, hidden.device)
     if compact is True and return_lse and which is Backend.TRITON:
         raise ValueError("compact=True cannot be combined with return_lse=True (ignored positions get no lse)")
     if num_valid is not None and num_valid > targets.numel():
         raise ValueError(f"num_valid = {num_valid} exceeds the number of positions {targets.numel()}")
+    if which is Backend.TRITON and (fwd == "auto" or bwd == "auto"):
+        fwd, bwd = _tuned_variant(hidden, weight, bias, fwd, bwd, temperature, softcap, return_entropy)
+    if fwd == "auto":
+        fwd = auto_choice(hidden.device, "fwd")
     if bwd == "auto":
         bwd = auto_choice(hidden.device, "bwd")
     if compact == "auto":
@@ -241,6 +269,7 @@ def linear_logprobs(
         compact=compact and which is Backend.TRITON,
         workspace_bytes=workspace_bytes,
         num_valid=num_valid,
+        fwd=fwd,
     )
     lead_shape = targets.shape
     flat_hidden = hidden.reshape(-1, H)
@@ -346,6 +375,7 @@ def sequence_logprobs(
     compact: Union[bool, str] = "auto",
     workspace_bytes: Optional[int] = None,
     num_valid: Optional[int] = None,
+    fwd: str = "auto",
 ) -> torch.Tensor:
     """Per-sequence summed log-probs s(x, y) = sum_k log p(y_k | ...) over non-ignored labels.
 
@@ -370,6 +400,7 @@ def sequence_logprobs(
     """
     _check_tensor("hidden", hidden)
     _check_tensor("labels", labels)
+    _check_cuda_options(bwd, compact, workspace_bytes, num_valid, fwd)
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
     if labels.device != hidden.device:
@@ -407,7 +438,7 @@ def sequence_logprobs(
     token_logp = linear_logprobs(
         hidden, weight, targets, bias=bias, temperature=temperature, softcap=softcap,
         ignore_index=ignore_index, backend=backend, validate=validate,
-        bwd=bwd, compact=compact, workspace_bytes=workspace_bytes, num_valid=num_valid,
+        bwd=bwd, compact=compact, workspace_bytes=workspace_bytes, num_valid=num_valid, fwd=fwd,
     )
     # Summed in fp64 (N values: free next to the per-token work) and rounded once: an fp32 sum of
     # 300 log-probs drifts by ~6e-4, most of the 1e-3 budget of a log-ratio s_theta - s_ref.

@@ -48,7 +48,7 @@ __all__ = ["SelfPlayLoss"]
 PAIRED_LOSSES = frozenset({"spin", "dpo"})
 # Keywords SelfPlayLoss itself supplies to the loss; a user may not pass them via **loss_kwargs.
 _MODULE_OWNED = frozenset({"alpha", "beta", "return_metrics", "scope", "group", "stats", "backend", "num_tokens_real",
-                           "bwd", "compact", "workspace_bytes"})
+                           "bwd", "compact", "workspace_bytes", "fwd"})
 
 RowSelection = Union[slice, torch.Tensor]
 
@@ -157,8 +157,9 @@ class SelfPlayLoss(nn.Module):
             reference alike; a precomputed ``ref_logps`` must use the same setting).
         backend: log-prob backend, "auto" | "triton" | "torch" | "reference". The tilted-risk
             terms use "triton" when the log-probs do (and for "auto"), "torch" otherwise.
-        bwd, compact, workspace_bytes: backend="triton" backward variant, ignored-row compaction
-            and workspace budget, as in ``linear_logprobs`` (defaults from iris_kernels.tuning).
+        bwd, compact, workspace_bytes, fwd: backend="triton" backward variant, ignored-row
+            compaction, workspace budget and forward variant, as in ``linear_logprobs``
+            (defaults from the autotuner on CUDA, else iris_kernels.tuning).
         scope, group: normalisation scope "micro" | "rank" | "global" and process group
             (``iris_kernels.distributed``); None keeps the loss's default ("rank").
         **loss_kwargs: other keyword hyper-parameters of the loss (e.g. ``variant="hinge"`` for
@@ -194,6 +195,7 @@ class SelfPlayLoss(nn.Module):
         bwd: str = "auto",
         compact: Any = "auto",
         workspace_bytes: Optional[int] = None,
+        fwd: str = "auto",
         **loss_kwargs: Any,
     ):
         super().__init__()
@@ -255,8 +257,8 @@ class SelfPlayLoss(nn.Module):
             raise ValueError(f"backend must be one of {[b.value for b in Backend]}, got {backend!r}") from None
         if scope is not None:
             check_scope(scope)
-        _check_cuda_options(bwd, compact, workspace_bytes, None)
-        self.cuda_options = dict(bwd=bwd, compact=compact, workspace_bytes=workspace_bytes)
+        _check_cuda_options(bwd, compact, workspace_bytes, None, fwd)
+        self.cuda_options = dict(bwd=bwd, compact=compact, workspace_bytes=workspace_bytes, fwd=fwd)
         self.scope, self.group = scope, group
         self.ignore_index = int(ignore_index)
         self.temperature = float(temperature)

@@ -8,6 +8,10 @@ materialised one on an A100), verl and Megatron (both default to materialised dl
 cuBLAS), Liger's SM90 path and QuACK (a bf16 gradient workspace + tensor-core GEMMs). Hence the
 workspace backward and a 1 GiB workspace.
 
+On CUDA the forward and backward variants ("fwd", "bwd") are measured at first use by
+iris_kernels/autotune.py and cached per device and shape; this table decides when the autotuner is
+off (IRIS_KERNELS_AUTOTUNE=0), while torch.compile traces, and where no candidate passed its probe.
+
 Also here: the workspace's chunk height and the torch backend's CUDA chunk size, both derived
 from the same byte budget (iris-kernels issue 8, items 1 and 3).
 """
@@ -17,13 +21,15 @@ from typing import Optional
 
 import torch
 
-# Backward variants of backend="triton".
+# Backward and forward variants of backend="triton".
 BACKWARDS = ("workspace", "atomic")
+FORWARDS = ("fused", "split")
 
 # key: device type (later: (device name, dtype) once measured). Each entry says its provenance.
 AUTO = {
     "cuda": {
         "bwd": "workspace",
+        "fwd": "fused",
         "compact": True,
         "workspace_bytes": 1 << 30,
         "source": "no measurement yet -> workspace, per peers' evidence (issue 8; 2026-11-29, no GPU)",
@@ -31,6 +37,7 @@ AUTO = {
     # The interpreter / CPU: same defaults so the tests exercise the default path.
     "cpu": {
         "bwd": "workspace",
+        "fwd": "fused",
         "compact": True,
         "workspace_bytes": 1 << 30,
         "source": "mirrors cuda so that interpreter tests exercise the default path",

@@ -40,6 +40,9 @@ class LogprobsParams:
     compact: bool = False
     workspace_bytes: int = 1 << 30
     num_valid: Optional[int] = None
+    # backend="triton" forward (issue 17): "fused" (logits in registers) or "split" (cuBLAS fp32
+    # logits per chunk of rows + a Triton row kernel); same outputs and saved statistics.
+    fwd: str = "fused"
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

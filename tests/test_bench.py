@@ -150,9 +150,14 @@ def test_fp64_reference_matches_autograd(objective):
         value = bench.spin_fp64(s, case.is_real, case.spin_beta)
         value.backward()
     torch.testing.assert_close(ref["value"], value.detach().reshape(ref["value"].shape), rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(ref["grad_hidden"], h.grad, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ref["grad_hidden"], h.grad.reshape(-1, h.shape[-1]), rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(ref["grad_weight"], w.grad, rtol=1e-10, atol=1e-10)
     assert ref["grad_weight"].abs().max() > 1e-3  # the objective has a real gradient
+    # A sample of rows is exactly those rows of the full gradients.
+    part = bench.fp64_reference(case, [objective], set_ref_logps=False, token_rows=7, vocab_rows=5, seed=3)[objective]
+    assert part["rows"].numel() == 7 and part["vocab_rows"].numel() == 5
+    torch.testing.assert_close(part["grad_hidden"], ref["grad_hidden"][part["rows"]], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(part["grad_weight"], ref["grad_weight"][part["vocab_rows"]], rtol=1e-12, atol=1e-12)
 
 
 def test_iris_fp64_matches_the_closed_form():

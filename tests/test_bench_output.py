@@ -2,11 +2,13 @@
 floor row, the load average and run time above the tables, and one colour per provider."""
 import hashlib
 import importlib
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
@@ -80,9 +82,86 @@ def test_default_cpu_shapes_have_three_n():
     assert len(ns) >= 3 and ns[-1] == 8192
 
 
-def test_one_colour_per_provider():
+def test_one_style_per_provider_colour_blind_safe():
+    """Okabe-Ito colours; no two providers share colour, marker and line style (issue 21 item 8)."""
     names = [n for n in P.PROVIDERS if n != "floor"]
-    colours = [bench.provider_colour(n) for n in names]
-    assert len(set(colours)) == len(colours)  # distinct
-    assert colours == [bench.provider_colour(n) for n in names]  # stable
-    assert bench.provider_colour("floor") == "#000000" and "#000000" not in colours
+    styles = [bench.provider_style(n) for n in names]
+    triples = {(s["color"], s["marker"], s["ls"]) for s in styles}
+    assert len(triples) == len(names)
+    assert len({s["marker"] for s in styles}) == min(len(names), 10)  # distinct markers as far as they go
+    okabe_ito = {"#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442"}
+    assert {s["color"] for s in styles} <= okabe_ito
+    assert styles == [bench.provider_style(n) for n in names]  # stable
+    assert bench.provider_colour("floor") == "#000000" and "#000000" not in {s["color"] for s in styles}
+    # The library's torch backend no longer hides under torch's linear_cross_entropy.
+    assert bench.provider_style("iris-torch") != bench.provider_style("torch-linear_cross_entropy")
+    assert bench.provider_colour("iris-torch") != bench.provider_colour("torch-linear_cross_entropy")
+
+
+def test_default_make_bench_plan_and_full():
+    args = bench.build_parser().parse_args(["--device", "cpu"])
+    bench.resolve_args(args)
+    assert args.plan is bench.DEFAULT_RUN_LIMITS and args.repeats == 3
+    args = bench.build_parser().parse_args(["--device", "cpu", "--full"])
+    bench.resolve_args(args)
+    assert args.plan is None
+    args = bench.build_parser().parse_args(["--device", "cpu", "--providers", "naive"])
+    bench.resolve_args(args)
+    assert args.plan is None  # an explicit selection is run as asked
+
+
+def test_plan_limits_rows_and_repeats(monkeypatch, tmp_path):
+    """The default plan's limits, exercised at tiny shapes: fewer repeats at the largest N, a
+    limited provider skipped above its N with a reason that names --full."""
+    monkeypatch.setattr(bench, "CPU_DEFAULT_SHAPES", ["64,16,50", "128,16,50"])
+    monkeypatch.setitem(bench.DEFAULT_RUN_LIMITS, "max_n", {"naive": 64})
+    monkeypatch.setattr(bench.P, "PROVIDERS", {n: bench.P.PROVIDERS[n] for n in ("naive", "iris-torch", "floor")})
+    records = bench.main(["--device", "cpu", "--isolate", "none", "--no-interpreter", "--warmup", "0",
+                          "--output-dir", str(tmp_path), "--workloads", "logprobs"])
+    by = {(r["provider"], r["N"]): r for r in records}
+    assert by[("naive", 64)]["status"] == "ok" and by[("naive", 64)]["repeats"] == 3
+    assert by[("naive", 128)]["status"] == "skipped" and "--full" in by[("naive", 128)]["skip_reason"]
+    assert by[("iris-torch", 128)]["repeats"] == 2
+
+
+def test_unreliable_rows_are_flagged():
+    def row(name, family, total, p20, p80):
+        return dict(provider=name, family=family, total_ms=total, total_p20=p20, total_p80=p80, timing_valid=True,
+                    N=8, H=2, V=3, dtype="fp32", device="cpu", workload="logprobs", peak_mem_mb=1.0, status="ok",
+                    note="", B=2, T=4, device_name="cpu", load_avg=3.0, fwd_ms=1.0, bwd_ms=1.0, max_abs_err=0.0,
+                    ratio_to_best=None, mem_ratio_to_best=None, x_floor=None, skip_reason="")
+    recs = [row("floor", "floor", 10.0, 9.9, 10.1), row("iris-torch", "library", 9.0, 8.9, 9.1),
+            row("naive", "peer", 20.0, 15.0, 30.0), row("naive-compile", "peer", 12.0, 11.9, 12.1)]
+    bench.add_ratios(recs)
+    by = {r["provider"]: r["unreliable"] for r in recs}
+    assert by["iris-torch"] == "below the floor"
+    assert by["naive"].startswith("spread 75%")
+    assert by["naive-compile"] == "" and by["floor"] == ""
+    table = bench.format_table(recs)
+    assert "UNRELIABLE (below the floor)" in table and "2 row(s) marked UNRELIABLE" in table
+    assert "machine was loaded" in table
+
+
+def test_versions_name_every_peer():
+    v = bench.versions()
+    assert {"torch", "triton", "trl", "transformers", "liger-kernel", "cut-cross-entropy", "iris-kernels"} <= set(v)
+
+
+def test_jsonl_rows_and_provider_timeout(tmp_path):
+    """Each row is appended to --jsonl as it is measured; an isolated provider that hangs past
+    --provider-timeout is a failed row with that reason (a child script that sleeps stands in)."""
+
+    jsonl = tmp_path / "rows.jsonl"
+    recs = bench.main(["--device", "cpu", "--shapes", "64,16,50", "--repeats", "1", "--warmup", "0",
+                       "--isolate", "none", "--no-interpreter", "--providers", "naive,floor",
+                       "--workloads", "logprobs", "--output-dir", str(tmp_path), "--jsonl", str(jsonl)])
+    lines = [json.loads(x) for x in jsonl.read_text().splitlines()]
+    assert [x["provider"] for x in lines] == ["naive", "floor"] and len(recs) == 2
+    runner = importlib.import_module("runner")
+    case = bench.make_case(bench.Shape(64, 16, 50, ""), torch.float32, torch.device("cpu"), seed=0)
+    bench.save_case(case, tmp_path / "case.pt")
+    script = tmp_path / "sleeper.py"
+    script.write_text("import time\ntime.sleep(60)\n")
+    res = runner.run_in_subprocess("naive", tmp_path / "case.pt", ["logprobs"], False, 0, 1, tmp_path,
+                                   timeout=2, script=script)
+    assert res["logprobs"]["error"].startswith("timed out after 2 s")
