@@ -98,29 +98,12 @@ def stop_token_ids(tokenizer, generation_config=None) -> List[int]:
 
 
 def render(tokenizer, prompt_messages, response: str, stop_ids: Sequence[int]):
-    """(prompt_ids, response_ids) with the chat template.
+    """(prompt_ids, response_ids) with the chat template: ``iris_kernels.integrations.hf.render_pair``
+    (the prompt with the generation prompt, the response cut after its first stop token), so the
+    harness and a user's own ``Trainer`` build the same rows."""
+    from iris_kernels.integrations.hf import render_pair
 
-    The prompt is rendered with ``add_generation_prompt=True`` — exactly what generation sees. The
-    response is the text the template adds after it for the assistant turn, tokenised separately
-    (as the model generates it: after the prompt, never merged across the boundary) and cut after
-    its first stop token, so an annotated response ends the way a sampled one does (templates
-    often add a newline after the end-of-turn token that generation never produces). A template
-    that adds no stop token gets the first stop id appended, for the same reason.
-    """
-    prompt_text = tokenizer.apply_chat_template(prompt_messages, tokenize=False, add_generation_prompt=True)
-    full_text = tokenizer.apply_chat_template(
-        list(prompt_messages) + [{"role": "assistant", "content": response}], tokenize=False
-    )
-    if not full_text.startswith(prompt_text):
-        raise ValueError(
-            "the chat template renders the prompt differently with and without the assistant turn, so "
-            f"no response can be split off it:\nprompt: {prompt_text!r}\nfull:   {full_text!r}"
-        )
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
-    cut = next((i for i, t in enumerate(response_ids) if t in stop_ids), None)
-    response_ids = response_ids[: cut + 1] if cut is not None else response_ids + [stop_ids[0]]
-    return list(prompt_ids), list(response_ids)
+    return render_pair(tokenizer, prompt_messages, response, list(stop_ids))
 
 
 def first_turn(messages):

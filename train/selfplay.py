@@ -103,6 +103,10 @@ def main(argv=None) -> None:
     start = next((t for t in range(iterations) if not (out / f"iter_{t}" / "DONE").exists()), iterations)
     if start == iterations:
         log(f"all {iterations} iterations are done in {out}; raise --train.iterations to continue")
+        later = sorted(int(d.name[5:]) for d in out.glob("iter_*") if d.name[5:].isdigit() and int(d.name[5:]) >= iterations)
+        if later:  # a reused folder: its contents are more than this command asked for
+            log(f"note: {out} also holds iteration(s) {', '.join(map(str, later))} of an earlier, longer run; "
+                f"use a new --output_dir for a separate run")
         changed = changed_config_keys(out, cfg)
         if changed:
             # Nothing runs, so nothing of the new settings takes effect: say so rather than stay silent.
