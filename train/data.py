@@ -18,6 +18,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from .config import ConfigError, InputFileError
 from .io_utils import read_jsonl
 
 IGNORE_INDEX = -100
@@ -48,13 +49,18 @@ def load_rows(source: str, *, split: str, key: str, limit: Optional[int] = None)
     path = Path(source)
     if path.suffix in (".jsonl", ".json"):
         if not path.is_file():
-            raise FileNotFoundError(f"{key}: dataset file not found: {source}")
-        rows = read_jsonl(path)
+            raise InputFileError(f"{key}: dataset file not found: {source}")
+        try:
+            rows = read_jsonl(path)
+        except ValueError as err:  # a line that is not JSON: the message names the file and line
+            raise ConfigError(f"{key}: {err}") from None
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{key}: {source} is not a UTF-8 text file ({err.reason})") from None
     else:
         try:
             import datasets  # optional
         except ImportError:
-            raise FileNotFoundError(
+            raise InputFileError(
                 f"{key}: {source!r} is not a .jsonl file and the `datasets` package is not installed "
                 "to load it as a dataset folder or hub id"
             ) from None
@@ -66,7 +72,7 @@ def load_rows(source: str, *, split: str, key: str, limit: Optional[int] = None)
             else:
                 ds = datasets.load_dataset(source, split=split)
         except FileNotFoundError as e:
-            raise FileNotFoundError(f"{key}: dataset not found: {source} ({e})") from None
+            raise InputFileError(f"{key}: dataset not found: {source} ({e})") from None
         rows = [ds[i] for i in range(min(limit, len(ds)) if limit else len(ds))]
     return rows[:limit] if limit else rows
 
@@ -74,12 +80,12 @@ def load_rows(source: str, *, split: str, key: str, limit: Optional[int] = None)
 def split_messages(messages, where: str):
     """(prompt messages, response text); the prompt ends with the last user turn."""
     if not isinstance(messages, list) or len(messages) < 2:
-        raise ValueError(f"{where}: 'messages' must be a list of at least a user and an assistant turn")
+        raise ConfigError(f"{where}: 'messages' must be a list of at least a user and an assistant turn")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise ValueError(f"{where}: message {i} must be {{'role': str, 'content': str}}, got {m!r}")
+            raise ConfigError(f"{where}: message {i} must be {{'role': str, 'content': str}}, got {m!r}")
     if messages[-1]["role"] != "assistant" or messages[-2]["role"] != "user":
-        raise ValueError(f"{where}: the conversation must end with a user turn followed by an assistant turn")
+        raise ConfigError(f"{where}: the conversation must end with a user turn followed by an assistant turn")
     return messages[:-1], messages[-1]["content"]
 
 
@@ -121,7 +127,7 @@ def build_examples(rows, tokenizer, stop_ids, *, messages_field: str, answer_fie
     for i, row in enumerate(rows):
         where = f"{name} row {i}" + (f" (id {row['id']!r})" if isinstance(row, dict) and "id" in row else "")
         if not isinstance(row, dict) or messages_field not in row:
-            raise ValueError(f"{where}: missing the '{messages_field}' field (data.messages_field)")
+            raise ConfigError(f"{where}: missing the '{messages_field}' field (data.messages_field)")
         messages = row[messages_field]
         if first_turn_only and isinstance(messages, list):
             messages = first_turn(messages)
@@ -138,7 +144,7 @@ def build_examples(rows, tokenizer, stop_ids, *, messages_field: str, answer_fie
     if dropped:
         warnings.warn(f"{name}: dropped {dropped} of {len(rows)} rows whose prompt exceeds data.max_prompt_length")
     if not out:
-        raise ValueError(f"{name}: no usable rows (all {len(rows)} prompts exceed data.max_prompt_length?)")
+        raise ConfigError(f"{name}: no usable rows (all {len(rows)} prompts exceed data.max_prompt_length?)")
     return out
 
 
