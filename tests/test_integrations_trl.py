@@ -436,6 +436,9 @@ def test_harness_pairs_train_in_trl(tmp_path):
     assert first["loss"] == pytest.approx(0.0, abs=1e-5)  # θ = the opponent whose log-probs are stored
     assert first["iris/real/ess"] == pytest.approx(8.0, rel=1e-4)
     assert (tmp_path / "trl" / "model" / "model.safetensors").is_file()
+    # θ_0 is saved with its tokenizer, for a script of one's own (train/README.md's walk-through).
+    assert (tmp_path / "trl" / "opponent" / "model.safetensors").is_file()
+    assert (tmp_path / "trl" / "opponent" / "tokenizer_config.json").is_file()
 
 
 # ----------------------------------------------------------------------------------------------

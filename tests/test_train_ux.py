@@ -308,3 +308,13 @@ def test_only_the_expected_tie_notice_is_dropped():
     assert filt.filter(rec("Removed shared tensor {'model.other.weight'} while saving. This should be OK"))
     assert filt.filter(rec("Removed shared tensor {'model.lm_head.weight', 'x'} while saving."))
     assert filt.filter(rec("something else"))
+
+
+def test_trl_export_missing_run_is_one_line(tmp_path, capsys):
+    from train import trl_export
+
+    rc = trl_export.cli(["--run", str(tmp_path / "norun"), "--output_dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("trl_export: error: --run/--iteration: ") and str(tmp_path / "norun") in err
+    assert not (tmp_path / "out").exists()

@@ -160,7 +160,7 @@ def main(argv=None) -> list:
     pairs = run / f"iter_{t}" / PAIRS_FILE.format(split="train")
     if not pairs.is_file():
         raise FileNotFoundError(f"--run/--iteration: {pairs} not found (has iteration {t} been scored?)")
-    cfg = load_config(str(run / "config.yaml"))
+    cfg = load_config(str(run / "config.yaml"))  # a ConfigError naming the file if it is missing or malformed
     tokenizer = load_tokenizer(cfg.model)
     if t == 0:
         model, source = build_initial_model(cfg.model, tokenizer, cfg.seed), "θ_0 from the run's config"
@@ -190,5 +190,18 @@ def main(argv=None) -> list:
     return trainer.state.log_history
 
 
+def cli(argv=None) -> int:
+    """The command line: a missing or malformed run folder, pairs file or config is one line on
+    stderr and status 2 (as argparse's own errors), not a traceback."""
+    from train.config import ConfigError
+
+    try:
+        main(argv)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"trl_export: error: {err}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())
