@@ -318,3 +318,16 @@ def test_trl_export_missing_run_is_one_line(tmp_path, capsys):
     assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith("trl_export: error: --run/--iteration: ") and str(tmp_path / "norun") in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_reused_folder_says_it_holds_a_longer_run(tmp_path, capsys):
+    """`--train.iterations 1` on a folder that holds 2 finished iterations: done, and it says so."""
+    out = tmp_path / "run"
+    for t in (0, 1):
+        (out / f"iter_{t}").mkdir(parents=True)
+        (out / f"iter_{t}" / "DONE").write_text("")
+    selfplay.main(["--config", str(PRESET), "--output_dir", str(out), "--train.iterations", "1"])
+    said = capsys.readouterr()
+    text = said.out + said.err
+    assert "all 1 iterations are done" in text
+    assert "also holds iteration(s) 1 of an earlier, longer run" in text and "new --output_dir" in text
