@@ -480,7 +480,8 @@ def usage_text(preset_dir: Optional[Path] = None) -> str:
         "model, scores both responses under it once, trains the next model with the self-play loss",
         "and evaluates it on the held-out prompts. Running the same command again resumes where a",
         "run stopped. VALUE is read as YAML (3, 1e-6, true, null, [1, 2]); --section.key=VALUE works",
-        "too. Without --config every key has its default below.",
+        "too. Without --config every key has its default below. Run from the repository root; after",
+        "`make test` or `make bench`, python is .venv/bin/python (or `source .venv/bin/activate` first).",
         "",
         "presets (--config):",
     ]
