@@ -1,4 +1,5 @@
 """iris-kernels: fused log-prob kernels and the IRIS self-play loss family."""
+from . import _warning_filters  # noqa: F401  (the Triton interpreter's expected masked-lane warnings only)
 from ._version import __version__
 from .distributed import StepNormalizer, StepStats
 from .logprobs import linear_logprobs, sequence_logprobs

@@ -175,6 +175,38 @@ def test_first_step_with_attention_dropout_in_the_config(tmp_path, disable_dropo
         assert abs(first["loss"]) > 1e-4
 
 
+def _reference_warnings(trainer):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        trainer.train()
+    return [w for w in seen if "differ from the reference log-probs" in str(w.message)]
+
+
+def test_first_batch_warns_when_the_model_is_not_the_reference(tmp_path):
+    """Stored ref_*_logps belong to the opponent θ_t: a run that starts from θ_t is silent and
+    starts at loss 0; one that starts from another model warns once (and its first loss is not 0)."""
+    tok = _tokenizer()
+    opponent = _model(tok, tied=False)
+    scored = SelfPlayTrainer(copy.deepcopy(opponent), args=_args(tmp_path / "score", precompute_ref_log_probs=True),
+                             train_dataset=_rows(), processing_class=tok).train_dataset
+    assert {"ref_chosen_logps", "ref_rejected_logps"} <= set(scored.column_names)  # the opponent's values
+
+    right = SelfPlayTrainer(copy.deepcopy(opponent), args=_args(tmp_path / "right", precompute_ref_log_probs=True),
+                            train_dataset=scored, processing_class=tok)
+    assert _reference_warnings(right) == []
+    assert right.state.log_history[0]["loss"] == pytest.approx(0.0, abs=1e-6)
+
+    other = copy.deepcopy(opponent)
+    _perturb(other, seed=5, scale=0.2)  # e.g. θ_{t+1}, the model saved beside the pairs
+    wrong = SelfPlayTrainer(other, args=_args(tmp_path / "wrong", precompute_ref_log_probs=True, max_steps=2),
+                            train_dataset=scored, processing_class=tok)
+    seen = _reference_warnings(wrong)
+    assert len(seen) == 1 and "trl_export.py saves it" in str(seen[0].message)  # once, not every step
+    assert abs(wrong.state.log_history[0]["loss"]) > 1e-3
+
+
 # ----------------------------------------------------------------------------------------------
 # Gradient accumulation, two processes: the step's batch, whatever its split
 # ----------------------------------------------------------------------------------------------
@@ -468,6 +500,9 @@ def test_harness_pairs_train_in_trl(tmp_path):
     assert first["loss"] == pytest.approx(0.0, abs=1e-5)  # θ = the opponent whose log-probs are stored
     assert first["iris/real/ess"] == pytest.approx(8.0, rel=1e-4)
     assert (tmp_path / "trl" / "model" / "model.safetensors").is_file()
+    # θ_0 is saved with its tokenizer, for a script of one's own (train/README.md's walk-through).
+    assert (tmp_path / "trl" / "opponent" / "model.safetensors").is_file()
+    assert (tmp_path / "trl" / "opponent" / "tokenizer_config.json").is_file()
 
 
 # ----------------------------------------------------------------------------------------------

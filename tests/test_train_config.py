@@ -117,7 +117,8 @@ def test_yaml_is_read_with_safe_load(tmp_path):
     evil = tmp_path / "evil.yaml"
     marker = tmp_path / "pwned"
     evil.write_text(f"seed: !!python/object/apply:os.system ['touch {marker}']\n")
-    with pytest.raises(yaml.YAMLError):
+    with pytest.raises(ConfigError, match=rf"config file {evil}, line 1, column \d+: not valid YAML \(could not "
+                                          "determine a constructor"):
         load_config(str(evil))
     assert not marker.exists()
 

@@ -133,6 +133,9 @@ def test_fsdp2_tied_killed_and_resumed_matches_one_process(tmp_path):
     assert UNITS in proc.stderr  # 2 decoder layers + the root, on each rank
     assert "resuming training at step 2/4" in proc.stdout + proc.stderr
     assert "2 process(es), global batch 8" in proc.stdout + proc.stderr
+    # The log says which parallelism ran (and no fallback warning: this is FSDP2).
+    assert "parallelism: FSDP2 over 2 processes (gloo)" in proc.stdout + proc.stderr
+    assert "asked for FSDP" not in proc.stdout + proc.stderr
     _assert_same_run(out, single, 1, tied=True)
 
 

@@ -1,4 +1,5 @@
-"""The two SelfPlayLoss examples of train/README.md run as written (on a tiny random model)."""
+"""The two SelfPlayLoss examples of train/README.md run as written (on a tiny random model);
+the README's shell commands are checked by tests/test_readme_commands.py."""
 import re
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from train.config import ModelConfig  # noqa: E402
-from train.data import build_examples, load_rows, pair_batch, stop_token_ids  # noqa: E402
+from train.data import build_examples, load_rows, pair_batch, split_messages, stop_token_ids  # noqa: E402
 from train.generation import generate_responses  # noqa: E402
 from train.modeling import SequenceLogprobs, build_initial_model, load_tokenizer  # noqa: E402
 from train.scoring import reference_logprobs  # noqa: E402
@@ -49,11 +50,15 @@ def test_readme_has_the_two_examples():
 
 
 def test_trainer_example(pairs, tmp_path):
+    """The example builds its rows from conversations with the installed package alone (no
+    `train` import) and trains on them."""
     model, items = pairs
-    tok, exs, syn, ref = model.harness_rows
-    ns = {"model": model, "tokenizer": tok, "examples": exs, "synthetic_rows": syn, "reference_rows": ref,
-          "output_dir": str(tmp_path)}
-    code = BLOCKS[0].replace("trainer.train()", "")
+    tok = model.harness_rows[0]
+    rows = load_rows(str(ROOT / "train" / "data" / "verifiable" / "train.jsonl"), split="train", key="k", limit=8)
+    conversations = [split_messages(r["messages"], "t") for r in rows]
+    assert "from train" not in BLOCKS[0] and "import train" not in BLOCKS[0]
+    ns = {"model": model, "tokenizer": tok, "conversations": conversations, "output_dir": str(tmp_path)}
+    code = BLOCKS[0].replace("trainer.train()", "").replace("max_new_tokens=64", "max_new_tokens=6")
     code = code.replace("remove_unused_columns=False)",  # CPU, quiet, two epochs: a test, not a run
                         "remove_unused_columns=False, use_cpu=True, report_to=[], save_strategy='no', "
                         "num_train_epochs=2, learning_rate=1e-3, disable_tqdm=True)")

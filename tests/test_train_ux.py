@@ -1,6 +1,7 @@
 """train/selfplay.py as a user meets it: --help, Ctrl-C, the resume messages, typo suggestions, a
 start-up failure that leaves no trace, the eval legend, and checkpoints of tied weights saved
 without accelerate's shared-tensor notice."""
+import json
 import logging
 import signal
 import subprocess
@@ -14,7 +15,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from train import selfplay  # noqa: E402
-from train.config import ConfigError, flatten, Config, load_config, suggest_key, usage_text  # noqa: E402
+from train.config import (ConfigError, flatten, Config, load_config, preset_description, suggest_key,  # noqa: E402
+                          usage_text)
 from train.io_utils import append_jsonl  # noqa: E402
 from train.shards import run_sharded  # noqa: E402
 from selfplay_env import selfplay_env as _env  # noqa: E402
@@ -47,6 +49,11 @@ def test_help_prints_usage(flag, capsys):
     for key in flatten(Config().to_dict()):
         assert f"--{key} " in out, key
     assert "passes over the prompts per iteration" in out
+    # Each preset's whole description (its leading comment block), not a cut first line.
+    for preset in sorted(PRESET.parent.glob("*.yaml")):
+        for line in preset_description(preset):
+            assert line in out, (preset.name, line)
+    assert "…" not in out
 
 
 def test_help_from_the_command_line_exits_0():
@@ -76,6 +83,89 @@ def test_suggestions_weigh_the_last_component(typo, meant):
 
 def test_no_suggestion_for_nonsense():
     assert suggest_key("zzz.qqqq", flatten(Config().to_dict())) is None
+
+
+# ----------------------------------------------------------------------------- files: one line, exit 2, no folder
+
+
+def _bad_start(tmp_path, capsys, *args):
+    out = tmp_path / "run"
+    rc = selfplay.cli(["--output_dir", str(out), *args])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.count("\n") == 1 and "Traceback" not in err and err.startswith("selfplay: error: "), err
+    assert not out.exists()  # a failed start leaves no output folder
+    return err
+
+
+def test_missing_config_file(tmp_path, capsys):
+    err = _bad_start(tmp_path, capsys, "--config", str(tmp_path / "nope.yaml"))
+    assert f"--config: config file not found: {tmp_path / 'nope.yaml'}" in err
+
+
+def test_malformed_config_file(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seed: 0\ntrain:\n  iterations: [1, 2\n  epochs: 1\n")
+    err = _bad_start(tmp_path, capsys, "--config", str(bad))
+    assert f"config file {bad}, line " in err and "not valid YAML" in err
+
+
+def test_missing_data_file(tmp_path, capsys):
+    err = _bad_start(tmp_path, capsys, "--config", str(PRESET), "--data.train", str(tmp_path / "none.jsonl"))
+    assert f"data.train: dataset file not found: {tmp_path / 'none.jsonl'}" in err
+
+
+def test_malformed_data_file(tmp_path, capsys):
+    data = tmp_path / "rows.jsonl"
+    good = (ROOT / "train" / "data" / "verifiable" / "train.jsonl").read_text().splitlines()[:3]
+    data.write_text("\n".join(good[:2] + ['{"messages": [oops'] + good[2:]) + "\n")
+    err = _bad_start(tmp_path, capsys, "--config", str(PRESET), "--data.train", str(data))
+    assert f"data.train: {data}: line 3 is not valid JSON" in err
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    err = _bad_start(tmp_path, capsys, "--config", str(PRESET), "--data.train", str(data))
+    assert "data.train row 0" in err
+
+
+def test_missing_tokenizer_folder(tmp_path, capsys):
+    err = _bad_start(tmp_path, capsys, "--config", str(PRESET), "--model.tokenizer", str(tmp_path / "tok"))
+    assert "model.tokenizer" in err and str(tmp_path / "tok") in err
+
+
+# ----------------------------------------------------------------------------- what the log says
+
+
+def test_describe_parallelism(monkeypatch):
+    from types import SimpleNamespace as NS
+
+    def acc(kind, world, backend="gloo", version=2):
+        return NS(distributed_type=NS(name=kind), num_processes=world,
+                  state=NS(backend=backend, fsdp_plugin=NS(fsdp_version=version)))
+
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    assert selfplay.describe_parallelism(acc("NO", 1)) == "one process, no data parallelism"
+    assert selfplay.describe_parallelism(acc("MULTI_CPU", 2)).startswith("DDP over 2 processes (gloo)")
+    assert selfplay.describe_parallelism(acc("FSDP", 2)).startswith("FSDP2 over 2 processes (gloo)")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # asked for FSDP, got DDP
+    said = selfplay.describe_parallelism(acc("MULTI_CPU", 2))
+    assert said.startswith("DDP over 2 processes") and "asked for FSDP" in said and "not FSDP" in said
+    assert "warning" not in selfplay.describe_parallelism(acc("FSDP", 2))
+
+
+def test_spin_logs_no_alpha(tmp_path):
+    """SPIN has no α: neither the train nor the eval records (nor the legend) carry one."""
+    out = tmp_path / "spin"
+    proc = _run("--config", str(PRESET), "--output_dir", str(out), *FAST, "--loss.name", "spin",
+                "--loss.beta", "0.1", "--train.max_steps", "2", "--eval.accuracy", "false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {r["kind"] for r in records} == {"train", "eval"}
+    for r in records:
+        assert "alpha" not in r and "gap" not in r and not any(k.startswith("ess_") for k in r), r
+        if r["kind"] == "eval":
+            assert set(r) <= set(selfplay.EVAL_KEYS)
+    text = proc.stdout + proc.stderr
+    assert "alpha =" not in text and "alpha=" not in text and "-J_alpha" not in text
+    assert "reward_margin = " in text
 
 
 # ----------------------------------------------------------------------------- Ctrl-C
@@ -162,7 +252,7 @@ def test_startup_failure_leaves_no_resume_trace_then_resume_messages(tmp_path):
     with pytest.raises(FileNotFoundError):
         selfplay.main(["--config", str(PRESET), "--output_dir", str(out), *FAST,
                        "--data.train", str(tmp_path / "nope.jsonl")])
-    assert not (out / "config.yaml").exists() and not list(out.glob("iter_*"))
+    assert not out.exists()  # not even an empty folder
 
     # 2) The corrected command starts afresh; SIGKILL at step 3 (checkpoint at step 2).
     proc = _run("--config", str(PRESET), "--output_dir", str(out), *FAST,
@@ -184,6 +274,12 @@ def test_startup_failure_leaves_no_resume_trace_then_resume_messages(tmp_path):
     # The eval line explains itself.
     assert "accuracy = fraction of prompts whose greedy answer" in text
     assert "-J_alpha" in text and "negative values are normal" in text
+    # Every key an eval record holds is explained by the legend, and the legend is printed.
+    record = json.loads((out / "iter_0" / "eval.json").read_text())
+    assert set(record) <= set(selfplay.EVAL_KEYS), set(record) - set(selfplay.EVAL_KEYS)
+    for key in ("choice_accuracy", "ess_real_frac", "ess_syn_frac", "alpha", "gap", "win_rate"):
+        assert key in record and f"{key} = " in text, key
+    assert "parallelism: one process" in text
 
     # 4) Once more: everything is done.
     proc = _run("--config", str(PRESET), "--output_dir", str(out), *FAST)
@@ -212,3 +308,26 @@ def test_only_the_expected_tie_notice_is_dropped():
     assert filt.filter(rec("Removed shared tensor {'model.other.weight'} while saving. This should be OK"))
     assert filt.filter(rec("Removed shared tensor {'model.lm_head.weight', 'x'} while saving."))
     assert filt.filter(rec("something else"))
+
+
+def test_trl_export_missing_run_is_one_line(tmp_path, capsys):
+    from train import trl_export
+
+    rc = trl_export.cli(["--run", str(tmp_path / "norun"), "--output_dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("trl_export: error: --run/--iteration: ") and str(tmp_path / "norun") in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_reused_folder_says_it_holds_a_longer_run(tmp_path, capsys):
+    """`--train.iterations 1` on a folder that holds 2 finished iterations: done, and it says so."""
+    out = tmp_path / "run"
+    for t in (0, 1):
+        (out / f"iter_{t}").mkdir(parents=True)
+        (out / f"iter_{t}" / "DONE").write_text("")
+    selfplay.main(["--config", str(PRESET), "--output_dir", str(out), "--train.iterations", "1"])
+    said = capsys.readouterr()
+    text = said.out + said.err
+    assert "all 1 iterations are done" in text
+    assert "also holds iteration(s) 1 of an earlier, longer run" in text and "new --output_dir" in text

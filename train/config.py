@@ -28,6 +28,11 @@ class ConfigTypeError(ConfigError, TypeError):
     """A config value has the wrong type; the message names the key."""
 
 
+class InputFileError(ConfigError, FileNotFoundError):
+    """A file or folder the config or the command line names does not exist; the message names
+    it and the key (or option) that named it. A FileNotFoundError too, for callers that catch that."""
+
+
 @dataclass
 class ModelConfig:
     # A hub id or a local folder holding the weights of θ_0 ("pkg:NAME" = the folder of the
@@ -401,8 +406,17 @@ def load_config(path: Optional[str], overrides: Optional[Dict[str, Any]] = None)
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        values = yaml.safe_load(p.read_text())
+            raise InputFileError(f"--config: config file not found: {path}")
+        try:
+            values = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as err:
+            # One line: where (file, line, column) and what, not PyYAML's multi-line report.
+            mark = getattr(err, "problem_mark", None)
+            where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(path)
+            what = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"config file {where}: not valid YAML ({what})") from None
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"config file {path}: not a text (UTF-8) file ({err.reason})") from None
         if values is None:
             values = {}
         if not isinstance(values, dict):
@@ -448,6 +462,16 @@ def _field_comments(cls) -> Dict[str, str]:
     return out
 
 
+def preset_description(path: Path) -> List[str]:
+    """The comment lines at the top of a preset file (its description), without the '#'."""
+    out = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        out.append(line[1:].removeprefix(" ").rstrip())
+    return out
+
+
 def usage_text(preset_dir: Optional[Path] = None) -> str:
     """What ``train/selfplay.py --help`` prints: the command line, the presets, every config key
     with its type, default and meaning, and examples."""
@@ -460,18 +484,20 @@ def usage_text(preset_dir: Optional[Path] = None) -> str:
         "model, scores both responses under it once, trains the next model with the self-play loss",
         "and evaluates it on the held-out prompts. Running the same command again resumes where a",
         "run stopped. VALUE is read as YAML (3, 1e-6, true, null, [1, 2]); --section.key=VALUE works",
-        "too. Without --config every key has its default below.",
+        "too. Without --config every key has its default below. Run from the repository root; after",
+        "`make test` or `make bench`, python is .venv/bin/python (or `source .venv/bin/activate` first).",
         "",
         "presets (--config):",
     ]
     for path in sorted(preset_dir.glob("*.yaml")):
-        first = next((l.lstrip("# ").strip() for l in path.read_text().splitlines() if l.startswith("#")), "")
-        first = first if len(first) <= 70 else first[:69].rstrip() + "…"
         try:
             shown = path.relative_to(Path.cwd())
         except ValueError:
             shown = path
-        lines.append(f"  {str(shown):40s} {first}")
+        lines.append(f"  {shown}")
+        # The preset's description is its leading comment block, shown whole, line by line (some
+        # lines are commands, which must not be re-wrapped).
+        lines += [f"      {line}" for line in preset_description(path)]
     lines += ["", "config keys (type [default]):"]
     hints = _section_fields(Config)
     defaults = Config()

@@ -18,6 +18,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from .config import ConfigError, InputFileError
 from .io_utils import read_jsonl
 
 IGNORE_INDEX = -100
@@ -48,13 +49,18 @@ def load_rows(source: str, *, split: str, key: str, limit: Optional[int] = None)
     path = Path(source)
     if path.suffix in (".jsonl", ".json"):
         if not path.is_file():
-            raise FileNotFoundError(f"{key}: dataset file not found: {source}")
-        rows = read_jsonl(path)
+            raise InputFileError(f"{key}: dataset file not found: {source}")
+        try:
+            rows = read_jsonl(path)
+        except ValueError as err:  # a line that is not JSON: the message names the file and line
+            raise ConfigError(f"{key}: {err}") from None
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{key}: {source} is not a UTF-8 text file ({err.reason})") from None
     else:
         try:
             import datasets  # optional
         except ImportError:
-            raise FileNotFoundError(
+            raise InputFileError(
                 f"{key}: {source!r} is not a .jsonl file and the `datasets` package is not installed "
                 "to load it as a dataset folder or hub id"
             ) from None
@@ -66,7 +72,7 @@ def load_rows(source: str, *, split: str, key: str, limit: Optional[int] = None)
             else:
                 ds = datasets.load_dataset(source, split=split)
         except FileNotFoundError as e:
-            raise FileNotFoundError(f"{key}: dataset not found: {source} ({e})") from None
+            raise InputFileError(f"{key}: dataset not found: {source} ({e})") from None
         rows = [ds[i] for i in range(min(limit, len(ds)) if limit else len(ds))]
     return rows[:limit] if limit else rows
 
@@ -74,12 +80,12 @@ def load_rows(source: str, *, split: str, key: str, limit: Optional[int] = None)
 def split_messages(messages, where: str):
     """(prompt messages, response text); the prompt ends with the last user turn."""
     if not isinstance(messages, list) or len(messages) < 2:
-        raise ValueError(f"{where}: 'messages' must be a list of at least a user and an assistant turn")
+        raise ConfigError(f"{where}: 'messages' must be a list of at least a user and an assistant turn")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise ValueError(f"{where}: message {i} must be {{'role': str, 'content': str}}, got {m!r}")
+            raise ConfigError(f"{where}: message {i} must be {{'role': str, 'content': str}}, got {m!r}")
     if messages[-1]["role"] != "assistant" or messages[-2]["role"] != "user":
-        raise ValueError(f"{where}: the conversation must end with a user turn followed by an assistant turn")
+        raise ConfigError(f"{where}: the conversation must end with a user turn followed by an assistant turn")
     return messages[:-1], messages[-1]["content"]
 
 
@@ -98,29 +104,12 @@ def stop_token_ids(tokenizer, generation_config=None) -> List[int]:
 
 
 def render(tokenizer, prompt_messages, response: str, stop_ids: Sequence[int]):
-    """(prompt_ids, response_ids) with the chat template.
+    """(prompt_ids, response_ids) with the chat template: ``iris_kernels.integrations.hf.render_pair``
+    (the prompt with the generation prompt, the response cut after its first stop token), so the
+    harness and a user's own ``Trainer`` build the same rows."""
+    from iris_kernels.integrations.hf import render_pair
 
-    The prompt is rendered with ``add_generation_prompt=True`` — exactly what generation sees. The
-    response is the text the template adds after it for the assistant turn, tokenised separately
-    (as the model generates it: after the prompt, never merged across the boundary) and cut after
-    its first stop token, so an annotated response ends the way a sampled one does (templates
-    often add a newline after the end-of-turn token that generation never produces). A template
-    that adds no stop token gets the first stop id appended, for the same reason.
-    """
-    prompt_text = tokenizer.apply_chat_template(prompt_messages, tokenize=False, add_generation_prompt=True)
-    full_text = tokenizer.apply_chat_template(
-        list(prompt_messages) + [{"role": "assistant", "content": response}], tokenize=False
-    )
-    if not full_text.startswith(prompt_text):
-        raise ValueError(
-            "the chat template renders the prompt differently with and without the assistant turn, so "
-            f"no response can be split off it:\nprompt: {prompt_text!r}\nfull:   {full_text!r}"
-        )
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
-    cut = next((i for i, t in enumerate(response_ids) if t in stop_ids), None)
-    response_ids = response_ids[: cut + 1] if cut is not None else response_ids + [stop_ids[0]]
-    return list(prompt_ids), list(response_ids)
+    return render_pair(tokenizer, prompt_messages, response, list(stop_ids))
 
 
 def first_turn(messages):
@@ -138,7 +127,7 @@ def build_examples(rows, tokenizer, stop_ids, *, messages_field: str, answer_fie
     for i, row in enumerate(rows):
         where = f"{name} row {i}" + (f" (id {row['id']!r})" if isinstance(row, dict) and "id" in row else "")
         if not isinstance(row, dict) or messages_field not in row:
-            raise ValueError(f"{where}: missing the '{messages_field}' field (data.messages_field)")
+            raise ConfigError(f"{where}: missing the '{messages_field}' field (data.messages_field)")
         messages = row[messages_field]
         if first_turn_only and isinstance(messages, list):
             messages = first_turn(messages)
@@ -155,7 +144,7 @@ def build_examples(rows, tokenizer, stop_ids, *, messages_field: str, answer_fie
     if dropped:
         warnings.warn(f"{name}: dropped {dropped} of {len(rows)} rows whose prompt exceeds data.max_prompt_length")
     if not out:
-        raise ValueError(f"{name}: no usable rows (all {len(rows)} prompts exceed data.max_prompt_length?)")
+        raise ConfigError(f"{name}: no usable rows (all {len(rows)} prompts exceed data.max_prompt_length?)")
     return out
 
 

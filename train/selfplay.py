@@ -95,15 +95,18 @@ def main(argv=None) -> None:
             tqdm.write(f"[selfplay {time.time() - t_start:7.1f}s] {msg}")
 
     set_seed(cfg.seed)
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
+    # The output folder is created only once start-up has succeeded (below): a run that fails to
+    # start (a missing file, a bad key) leaves nothing behind.
 
     # ---------------------------------------------------------------- where to start
     iterations = cfg.train.iterations
     start = next((t for t in range(iterations) if not (out / f"iter_{t}" / "DONE").exists()), iterations)
     if start == iterations:
         log(f"all {iterations} iterations are done in {out}; raise --train.iterations to continue")
+        later = sorted(int(d.name[5:]) for d in out.glob("iter_*") if d.name[5:].isdigit() and int(d.name[5:]) >= iterations)
+        if later:  # a reused folder: its contents are more than this command asked for
+            log(f"note: {out} also holds iteration(s) {', '.join(map(str, later))} of an earlier, longer run; "
+                f"use a new --output_dir for a separate run")
         changed = changed_config_keys(out, cfg)
         if changed:
             # Nothing runs, so nothing of the new settings takes effect: say so rather than stay silent.
@@ -151,9 +154,12 @@ def main(argv=None) -> None:
         steps_per_iteration = min(steps_per_iteration, cfg.train.max_steps)
     log(f"{len(train_ex)} train / {len(splits.get('heldout', []))} held-out prompts, {world} process(es), "
         f"global batch {global_batch}, {steps_per_iteration} steps per iteration, starting at iteration {start}")
+    log(f"parallelism: {describe_parallelism(accelerator)}")
     # Only now, with the model and the data loaded: a run that fails at start-up leaves no
-    # config.yaml behind, so its corrected rerun is a fresh start and not a "resume".
+    # output folder (or, when resuming, no new config.yaml) behind, so its corrected rerun is a
+    # fresh start and not a "resume".
     if is_main:
+        out.mkdir(parents=True, exist_ok=True)
         record_config(out, cfg, log)
     accelerator.wait_for_everyone()
 
@@ -182,6 +188,7 @@ def main(argv=None) -> None:
                         max_new_tokens=cfg.eval.max_new_tokens, accuracy=cfg.eval.accuracy,
                         accelerator=accelerator, autocast=autocast)
 
+    uses_alpha = cfg.loss.name == "iris"  # the other losses have no α: it is neither shown nor logged
     legend_shown = False
     if initial_eval_due:
         result = run_eval(-1)
@@ -299,11 +306,12 @@ def main(argv=None) -> None:
                 k = progress.step_in_iteration
                 if skipped or k == 1 or k % cfg.train.log_steps == 0:
                     record = {"kind": "train", "iteration": t, "step": progress.global_step,
-                              "step_in_iteration": progress.step_in_iteration, "loss": float(loss), "alpha": alpha,
+                              "step_in_iteration": progress.step_in_iteration, "loss": float(loss),
+                              **({"alpha": alpha} if uses_alpha else {}),
                               "lr": lr, "grad_norm": float(grad_norm), "skipped": skipped}
                     record.update({k: float(v) for k, v in step_metrics.items()})
                     metrics.log(record)
-                    bar.set_postfix(loss=f"{float(loss):.4f}", alpha=f"{alpha:.3g}")
+                    bar.set_postfix(loss=f"{float(loss):.4f}", **({"alpha": f"{alpha:.3g}"} if uses_alpha else {}))
                 if skipped:
                     log(f"step {progress.global_step}: non-finite loss or gradient, step skipped "
                         f"({progress.nan_streak} in a row)")
@@ -341,15 +349,16 @@ def main(argv=None) -> None:
 
         # ------------------------------------------------------------ d. evaluate θ_{t+1} against θ_t
         # ESS of the IRIS weights over the held-out set needs α; the other losses have none.
-        result = run_eval(t, synthetic.get("heldout"), reference.get("heldout"),
-                          alpha if cfg.loss.name == "iris" else None)
-        result["gap"] = getattr(alpha_schedule, "last_gap", None)
+        result = run_eval(t, synthetic.get("heldout"), reference.get("heldout"), alpha if uses_alpha else None)
+        if uses_alpha:
+            result["gap"] = getattr(alpha_schedule, "last_gap", None)
         if cfg.eval.lm_eval_tasks:
             if is_main:
                 result.update(lm_eval_scores(model, tokenizer, cfg.eval.lm_eval_tasks,
                                              batch_size=cfg.eval.batch_size))
             accelerator.wait_for_everyone()
-        record = {"kind": "eval", "iteration": t, "step": global_step, "alpha": alpha, **result}
+        record = {"kind": "eval", "iteration": t, "step": global_step, **({"alpha": alpha} if uses_alpha else {}),
+                  **result}
         metrics.log(record)
         if not legend_shown:
             log(metrics_legend(cfg))
@@ -366,16 +375,67 @@ def main(argv=None) -> None:
     log(f"finished {iterations} iterations in {out}")
 
 
+def describe_parallelism(accelerator) -> str:
+    """Which data parallelism this run uses, in words: FSDP's version, DDP's backend, or one
+    process; and a warning when the launch asked for FSDP but accelerate did not enable it."""
+    import os
+
+    kind, world = accelerator.distributed_type.name, accelerator.num_processes
+    backend = getattr(accelerator.state, "backend", None) or "none"
+    if kind == "FSDP":
+        plugin = getattr(accelerator.state, "fsdp_plugin", None)
+        version = getattr(plugin, "fsdp_version", 1)
+        return f"FSDP{version if version and version > 1 else ''} over {world} processes ({backend}): each holds a shard"
+    if kind == "DEEPSPEED":
+        return f"DeepSpeed over {world} processes ({backend})"
+    text = (f"DDP over {world} processes ({backend}): each holds the whole model" if world > 1
+            else "one process, no data parallelism")
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        text += ("; warning: the launch asked for FSDP but accelerate did not enable it here "
+                 "(accelerate does not enable FSDP without CUDA), so this is not FSDP")
+    return text
+
+
+# Every key of an eval record (metrics.jsonl "kind": "eval", iter_t/eval.json) and what it means;
+# metrics_legend prints the ones this run logs. tests/test_train_ux.py checks that a run's records
+# hold no key missing here.
+EVAL_KEYS = {
+    "kind": "\"eval\"", "iteration": "t; -1 is θ_0 before any training", "step": "optimizer steps so far",
+    "eval_prompts": "held-out prompts evaluated",
+    "nll": "per-token negative log-likelihood of the annotated responses (lower is better)",
+    "accuracy": None,  # filled in by metrics_legend (it depends on the config)
+    "choice_accuracy": "fraction of held-out prompts whose annotated answer scores a strictly higher summed "
+                       "log-prob than each of its distractors (other held-out answers of the same kind), as "
+                       "lm-evaluation-harness scores multiple choice; chance = 1/choices",
+    "choice_prompts": "prompts that got distractors", "choices": "options per question (answer + distractors)",
+    "reward_margin": "mean g(annotated) - g(synthetic), g = beta (log p_new - log p_opponent) of a response",
+    "win_rate": "fraction of prompts where the annotated response gains more than the synthetic one "
+                "(higher is better)",
+    "alpha": "the IRIS alpha of the iteration (IRIS only)",
+    "ess_real": "effective sample size 1/sum(w^2) of the IRIS weights of the annotated responses, "
+                "w = softmax((alpha-1) g) (IRIS only)",
+    "ess_syn": "the same for the synthetic responses, w = softmax(alpha g) (IRIS only)",
+    "ess_real_frac": "ess_real / prompts: 1 = uniform weights, 1/prompts = one response takes all (IRIS only)",
+    "ess_syn_frac": "ess_syn / prompts (IRIS only)",
+    "gap": "the opponent's per-token log-prob gap between its own samples and the data, which sets the "
+           "adaptive alpha (IRIS only)",
+}
+
+
 def metrics_legend(cfg) -> str:
-    """What the numbers of the eval lines mean, printed once per run before the first of them."""
-    lines = ["eval metrics (held-out prompts): nll = per-token negative log-likelihood of the annotated "
-             "responses (lower is better)"]
-    if cfg.eval.accuracy:
-        lines.append(f"accuracy = fraction of prompts whose greedy answer (up to {cfg.eval.max_new_tokens} tokens) "
-                     f"equals the row's '{cfg.data.answer_field}' field (whitespace-normalised); rows without one are not counted, "
-                     "and a model that answers none exactly scores 0 (the tiny random preset always does)")
-    lines.append("reward_margin = mean g(annotated) - g(synthetic), g = beta (log p_new - log p_opponent); "
-                 "win_rate = fraction of prompts where the annotated response gains more (higher is better)")
+    """What the numbers of the eval lines (and eval.json) mean, printed once per run before the first of them."""
+    legend = dict(EVAL_KEYS)
+    legend["accuracy"] = (
+        f"fraction of prompts whose greedy answer (up to {cfg.eval.max_new_tokens} tokens) equals the row's "
+        f"'{cfg.data.answer_field}' field (whitespace-normalised); rows without one are not counted, and a model "
+        "that answers none exactly scores 0 (the tiny random preset always does)")
+    skip = {"kind", "iteration", "step"}
+    if not cfg.eval.accuracy:
+        skip.add("accuracy")
+    if cfg.loss.name != "iris":
+        skip |= {k for k, v in legend.items() if v and v.endswith("(IRIS only)")}
+    lines = ["eval metrics (held-out prompts; also in DIR/metrics.jsonl and iter_t/eval.json):"]
+    lines += [f"{k} = {v}" for k, v in legend.items() if k not in skip]
     if cfg.loss.name == "iris":
         lines.append("the training loss shown in the progress bar is the IRIS loss -J_alpha, the negated estimate of "
                      "a lower bound on the Renyi divergence between the data and the opponent (docs/math.md#objective): "
@@ -384,7 +444,8 @@ def metrics_legend(cfg) -> str:
 
 
 def format_metrics(m: dict) -> str:
-    keys = ("nll", "accuracy", "reward_margin", "win_rate", "alpha", "ess_real_frac", "ess_syn_frac")
+    keys = ("nll", "accuracy", "choice_accuracy", "reward_margin", "win_rate", "alpha", "ess_real_frac",
+            "ess_syn_frac")
     return ", ".join(f"{k} {m[k]:.4g}" for k in keys if isinstance(m.get(k), (int, float)))
 
 
@@ -397,7 +458,9 @@ def cli(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"\n{INTERRUPTED}", file=sys.stderr, flush=True)
         return 130
-    except ConfigError as err:
+    except (ConfigError, FileNotFoundError) as err:
+        # A bad key, or a missing / malformed config, data, model or tokenizer file: the message
+        # names the file and the key that named it; a traceback would only bury it.
         print(f"selfplay: error: {err}", file=sys.stderr, flush=True)
         return 2
     return 0

@@ -19,7 +19,12 @@ re-tokenises the messages with the chat template, which may add or drop a traili
 
 Run one IRIS iteration on them (the opponent is the iteration's starting model θ_t)::
 
-    python train/trl_export.py --run RUN_DIR --iteration T --output_dir OUT [--max_steps N]
+    python train/trl_export.py --run RUN_DIR --iteration T --output_dir OUT [--max_steps N] [--opponent_only]
+
+It first saves θ_t, the model whose log-probs the pairs store, with its tokenizer to
+``OUT/opponent/`` (θ_0 of a run from ``model.init_config`` exists nowhere else: the run folder
+keeps the models it trained, ``iter_t/model`` = θ_{t+1}); a script of one's own starts from that
+folder. ``--opponent_only`` stops there.
 """
 from __future__ import annotations
 
@@ -130,32 +135,46 @@ def selfplay_config_kwargs(cfg) -> dict:
     )
 
 
-def main(argv=None) -> list:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", required=True, help="output_dir of a train/selfplay.py run")
     ap.add_argument("--iteration", type=int, default=0, help="iteration t whose pairs to train on (θ_t is the start)")
     ap.add_argument("--output_dir", required=True, help="where SelfPlayTrainer writes its checkpoints and θ_{t+1}")
     ap.add_argument("--max_steps", type=int, default=-1, help="cap on optimizer steps (default: the config's epochs)")
-    args = ap.parse_args(argv)
+    ap.add_argument("--opponent_only", action="store_true",
+                    help="only save θ_t (model + tokenizer) to OUTPUT_DIR/opponent, do not train")
+    return ap
+
+
+def main(argv=None) -> list:
+    args = build_parser().parse_args(argv)
 
     import datasets
     import torch
 
     from iris_kernels.integrations.trl import SelfPlayConfig, SelfPlayTrainer
     from train.config import load_config
-    from train.modeling import build_initial_model, load_checkpoint_model, load_tokenizer
+    from train.modeling import build_initial_model, load_checkpoint_model, load_tokenizer, save_model
 
     run, t = Path(args.run), args.iteration
     pairs = run / f"iter_{t}" / PAIRS_FILE.format(split="train")
     if not pairs.is_file():
         raise FileNotFoundError(f"--run/--iteration: {pairs} not found (has iteration {t} been scored?)")
-    cfg = load_config(str(run / "config.yaml"))
+    cfg = load_config(str(run / "config.yaml"))  # a ConfigError naming the file if it is missing or malformed
     tokenizer = load_tokenizer(cfg.model)
     if t == 0:
-        model = build_initial_model(cfg.model, tokenizer, cfg.seed)
+        model, source = build_initial_model(cfg.model, tokenizer, cfg.seed), "θ_0 from the run's config"
     else:
         model = load_checkpoint_model(run / f"iter_{t - 1}" / "model", cfg.model)
-    train_dataset = datasets.Dataset.from_list(read_jsonl(pairs))
+        source = f"θ_{t} = {run / f'iter_{t - 1}' / 'model'}"
+    rows = read_jsonl(pairs)
+    # Say what is used: a reused run folder may hold another run's pairs than the one just asked for.
+    opponent = Path(args.output_dir) / "opponent"
+    save_model(model, tokenizer, opponent)
+    print(f"[trl_export] {len(rows)} pairs from {pairs}; opponent {source}, saved to {opponent}", flush=True)
+    if args.opponent_only:
+        return []
+    train_dataset = datasets.Dataset.from_list(rows)
     sp_args = SelfPlayConfig(
         output_dir=args.output_dir, max_steps=args.max_steps, report_to=[], logging_steps=1, save_strategy="no",
         use_cpu=not torch.cuda.is_available(), bf16=False, gradient_checkpointing=False,
@@ -171,5 +190,18 @@ def main(argv=None) -> list:
     return trainer.state.log_history
 
 
+def cli(argv=None) -> int:
+    """The command line: a missing or malformed run folder, pairs file or config is one line on
+    stderr and status 2 (as argparse's own errors), not a traceback."""
+    from train.config import ConfigError
+
+    try:
+        main(argv)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"trl_export: error: {err}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

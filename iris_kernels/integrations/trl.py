@@ -295,6 +295,7 @@ class SelfPlayTrainer(DPOTrainer):
         if train_dataset is not None:
             _check_pairs(train_dataset, args, "train_dataset")
         self._step_stats = None
+        self._check_reference = False  # armed by train(): the first training batch is compared once
         self.selfplay_loss: Optional[SelfPlayLoss] = None
         super().__init__(
             model, ref_model=ref_model, args=args, data_collator=data_collator, train_dataset=train_dataset,
@@ -437,11 +438,47 @@ class SelfPlayTrainer(DPOTrainer):
             policy[:B], policy[B:], ref[:B], ref[B:],
             return_metrics=True, stats=stats, backend=crit._loss_backend(), **kw,
         )
+        if self._check_reference and mode == "train":
+            self._check_reference = False
+            self._warn_if_not_the_reference(model, inputs, policy, ref)
         metrics = dict(metrics)
         metrics["policy/real_logps"] = policy[:B].detach().mean()
         metrics["policy/syn_logps"] = policy[B:].detach().mean()
         self._log_selfplay_metrics(mode, metrics)
         return loss
+
+    def _warn_if_not_the_reference(self, model, inputs, policy: torch.Tensor, ref: torch.Tensor) -> None:
+        """Warn when the model being trained is not the one whose log-probs are the reference.
+
+        Without a ``ref_model`` the reference is the starting policy: stored ``ref_*_logps``
+        (e.g. the harness export) belong to the opponent θ_t, and a policy that starts elsewhere
+        (another checkpoint, say θ_{t+1}) trains against the wrong reference; its first loss is
+        then not the at-reference value (0 for IRIS). Checked once, on the first training batch
+        of a fresh ``train()``: one host sync for the whole run. A mismatch is re-measured in
+        eval mode before warning, so dropout alone never triggers it.
+        """
+        tol = 0.05 + 1e-3 * ref.detach().abs()  # nats per sequence: covers bf16/fp16 scoring, not another model
+        diff = (policy.detach().float() - ref.float()).abs()
+        if not bool((diff > tol).any()):
+            return
+        if self.model.training:
+            self.model.eval()
+            try:
+                with torch.no_grad():
+                    diff = (model(**self._model_kwargs(inputs), iris_labels=self._labels(inputs)).float()
+                            - ref.float()).abs()
+            finally:
+                self.model.train()
+            if not bool((diff > tol).any()):
+                return
+        warnings.warn(
+            f"SelfPlayTrainer: on the first batch the policy's summed log-probs differ from the reference "
+            f"log-probs (ref_chosen_logps / ref_rejected_logps) by up to {float(diff.max()):.4g} nats, so the first "
+            f"loss is not the at-reference value (0 for IRIS): the model passed is not the one that scored the "
+            f"pairs. Start from that model (θ_t; train/trl_export.py saves it to OUTPUT_DIR/opponent), or pass "
+            f"ref_model= if a different reference is meant.",
+            UserWarning, stacklevel=2,
+        )
 
     def _log_selfplay_metrics(self, mode: str, metrics: Dict[str, torch.Tensor]) -> None:
         keys = sorted(metrics)
@@ -470,6 +507,8 @@ class SelfPlayTrainer(DPOTrainer):
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         if isinstance(self.selfplay_loss.schedule, GapAdaptiveAlpha) and not resume_from_checkpoint:
             self._measure_gap()
+        # A fresh run without ref_model starts at its own reference: check that on the first batch.
+        self._check_reference = not resume_from_checkpoint and self.ref_model is None
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _measure_gap(self) -> None:
