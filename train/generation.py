@@ -61,7 +61,11 @@ def generate_responses(model, tokenizer, examples: Sequence[Example], *, stop_id
         devices = [torch.cuda.current_device()] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_config)
+            # synced_gpus=False: each process generates its own rows with a whole model. transformers
+            # turns the sync on whenever a ZeRO-3 config is registered (accelerate registers one under
+            # DeepSpeed), and then a process that has no rows left never joins: every process hangs.
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_config,
+                                 synced_gpus=False)
     finally:
         model.train(was_training)
     new_tokens = out[:, ids.shape[1]:].tolist()

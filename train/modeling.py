@@ -166,9 +166,12 @@ def load_checkpoint_model(path, cfg: ModelConfig):
     return _finish_model(model, cfg)
 
 
-def assert_finite_parameters(model) -> None:
-    """One host sync per save: a checkpoint with NaN/inf weights must never be written."""
-    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+def assert_finite_parameters(model, state_dict=None) -> None:
+    """One host sync per save: a checkpoint with NaN/inf weights must never be written. With a
+    ``state_dict`` (gathered from shards: FSDP2, ZeRO-3, whose model holds only placeholders) its
+    tensors are checked instead of the model's parameters."""
+    named = state_dict.items() if state_dict is not None else model.named_parameters()
+    bad = [n for n, p in named if p.is_floating_point() and not torch.isfinite(p).all()]
     if bad:
         raise FloatingPointError(f"refusing to save non-finite weights in {bad[:5]}{'...' if len(bad) > 5 else ''}")
 
@@ -178,7 +181,7 @@ def save_model(model, tokenizer, final_dir, *, state_dict=None, is_main: bool = 
     final_dir = Path(final_dir)
     if not is_main:
         return
-    assert_finite_parameters(model)
+    assert_finite_parameters(model, state_dict)
     tmp = final_dir.with_name(final_dir.name + ".tmp")
     if tmp.exists():
         import shutil

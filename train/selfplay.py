@@ -26,13 +26,13 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from train.checkpoint import (Progress, load_iteration_state, load_training_checkpoint, read_training_progress,
                               remove_training_checkpoint, save_iteration_state, save_training_checkpoint)
 from train.config import ConfigError, dump_config, flatten, parse_cli, usage_text, wants_help
+from train.deepspeed_support import fill_micro_batch_size, grad_norm_tensor, make_accelerator, whole_model_loading
 from train.data import build_examples, load_rows, step_micro_batches, stop_token_ids
 from train.evaluation import evaluate, lm_eval_scores
 from train.faults import maybe_kill
@@ -78,15 +78,16 @@ def main(argv=None) -> None:
         return
     cfg, output_dir = parse_cli(argv)
     out = Path(output_dir)
-    # cpu=True without CUDA: under torchrun / `accelerate launch --multi_gpu` this gives one gloo
-    # process group over CPU processes (accelerate's own `--cpu` flag runs a single process).
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
+    accelerator = make_accelerator(cfg.train.mixed_precision)  # train/deepspeed_support.py
     rank, world, is_main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
-    sharded = accelerator.distributed_type.name in ("FSDP", "DEEPSPEED")
-    if accelerator.distributed_type.name == "DEEPSPEED" and cfg.train.gradient_accumulation_steps > 1:
+    deepspeed = accelerator.distributed_type.name == "DEEPSPEED"
+    sharded = accelerator.distributed_type.name == "FSDP" or deepspeed
+    if deepspeed and cfg.train.gradient_accumulation_steps > 1:
         # accelerate's DeepSpeed wrapper steps the optimizer inside every backward call.
-        raise ValueError("train.gradient_accumulation_steps > 1 is not supported under DeepSpeed; "
-                         "raise train.per_device_batch_size or use FSDP")
+        raise ConfigError("train.gradient_accumulation_steps > 1 is not supported under DeepSpeed; "
+                          "raise train.per_device_batch_size or use FSDP")
+    if deepspeed:
+        fill_micro_batch_size(accelerator, cfg.train.per_device_batch_size)
     t_start = time.time()
 
     def log(msg: str) -> None:
@@ -110,17 +111,23 @@ def main(argv=None) -> None:
                 f"(use a new --output_dir to run with them)")
         return
     tokenizer = load_tokenizer(cfg.model)
+    if deepspeed:
+        clip = accelerator.state.deepspeed_plugin.deepspeed_config.get("gradient_clipping")
+        log(f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}: gradient clipping is the DeepSpeed "
+            f"config's gradient_clipping ({clip}); optim.max_grad_norm is not used")
     trained_already = (out / f"iter_{start}" / "TRAINED").exists()
-    if trained_already:  # crashed during evaluation: θ_{start+1} is on disk already
-        log(f"resuming at iteration {start}'s evaluation: θ_{start + 1} is trained and saved already")
-        model = load_checkpoint_model(out / f"iter_{start}" / "model", cfg.model)
-    elif start > 0:
-        log(f"resuming at iteration {start}: iterations 0-{start - 1} are done")
-        model = load_checkpoint_model(out / f"iter_{start - 1}" / "model", cfg.model)
-    else:
-        if (out / "config.yaml").exists():  # written only once a start-up succeeded
-            log("resuming iteration 0")
-        model = build_initial_model(cfg.model, tokenizer, cfg.seed)
+    # Whole on every process even under ZeRO-3 (train/deepspeed_support.py); prepare() partitions it.
+    with whole_model_loading():
+        if trained_already:  # crashed during evaluation: θ_{start+1} is on disk already
+            log(f"resuming at iteration {start}'s evaluation: θ_{start + 1} is trained and saved already")
+            model = load_checkpoint_model(out / f"iter_{start}" / "model", cfg.model)
+        elif start > 0:
+            log(f"resuming at iteration {start}: iterations 0-{start - 1} are done")
+            model = load_checkpoint_model(out / f"iter_{start - 1}" / "model", cfg.model)
+        else:
+            if (out / "config.yaml").exists():  # written only once a start-up succeeded
+                log("resuming iteration 0")
+            model = build_initial_model(cfg.model, tokenizer, cfg.seed)
     model.to(accelerator.device)
     autocast = accelerator.autocast
     seq_model = SequenceLogprobs(model)  # scoring and evaluation; shares every parameter with training
@@ -278,10 +285,7 @@ def main(argv=None) -> None:
                                                                 autocast=autocast)
                 grad_norm = accelerator.clip_grad_norm_(
                     wrapped.parameters(), cfg.optim.max_grad_norm if cfg.optim.max_grad_norm else math.inf)
-                if grad_norm is None:  # DeepSpeed clips inside its engine and reports nothing here
-                    grad_norm = torch.zeros(())
-                if hasattr(grad_norm, "full_tensor"):  # FSDP2: the norm of DTensor gradients is a DTensor
-                    grad_norm = grad_norm.full_tensor()
+                grad_norm = grad_norm_tensor(grad_norm)  # DeepSpeed: a float; FSDP2: a DTensor
                 # One host sync per optimizer step: skipping a non-finite step needs a decision, and
                 # every rank must take the same one (all-reduced), or the processes would diverge.
                 bad = (~torch.isfinite(loss.detach().float()) | ~torch.isfinite(grad_norm.detach().float())).float()
@@ -322,9 +326,12 @@ def main(argv=None) -> None:
             # θ_{t+1} to disk (atomic), then the marker that lets a crash in evaluation skip training.
             state_dict = None
             if sharded:
+                # Collective: every process takes part; under DeepSpeed only the main one gets the dict.
                 full = accelerator.get_state_dict(wrapped)
-                state_dict = {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}
-            save_model(model, tokenizer, it / "model", state_dict=state_dict, is_main=is_main)
+                if full is not None:
+                    state_dict = {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}
+            with whole_model_loading():
+                save_model(model, tokenizer, it / "model", state_dict=state_dict, is_main=is_main)
             if is_main:
                 save_iteration_state(it / "state.pt", global_step=global_step, alpha=alpha,
                                      alpha_schedule=alpha_schedule)
@@ -336,7 +343,8 @@ def main(argv=None) -> None:
             if sharded:
                 # The trained parameters are shards spread over the ranks; generation, scoring and
                 # evaluation need whole models, so every rank reloads θ_{t+1} from what was just saved.
-                model = load_checkpoint_model(it / "model", cfg.model).to(accelerator.device)
+                with whole_model_loading():
+                    model = load_checkpoint_model(it / "model", cfg.model).to(accelerator.device)
                 seq_model = SequenceLogprobs(model)
             model.eval()
 
