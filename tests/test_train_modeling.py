@@ -121,3 +121,52 @@ def test_lm_eval_scores_flattens_the_harness_results(monkeypatch):
     out = lm_eval_scores("MODEL", "TOK", ["arc_easy"], batch_size=4)
     assert out == {"lm_eval/arc_easy/acc,none": 0.5}
     assert seen == {"model": ("HFLM", "MODEL", 4), "tasks": ["arc_easy"]}
+
+
+def test_auto_attention_picks_flash_attn_for_half_models_on_cuda_only(monkeypatch):
+    import importlib.util as iu
+
+    import train.modeling as modeling
+
+    real_find_spec = iu.find_spec
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(modeling.importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "flash_attn" else real_find_spec(name, *a))
+    assert resolve_attn_implementation("auto", torch.bfloat16) == "flash_attention_2"
+    assert resolve_attn_implementation("auto", torch.float16) == "flash_attention_2"
+    assert resolve_attn_implementation("auto", torch.float32) == "sdpa"  # flash-attn computes in half only
+    # Without the package: sdpa, and said once.
+    monkeypatch.setattr(modeling.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "flash_attn" else real_find_spec(name, *a))
+    monkeypatch.setattr(modeling, "_SAID", set())
+    with pytest.warns(UserWarning, match="flash-attn is not installed, using sdpa"):
+        assert resolve_attn_implementation("auto", torch.bfloat16) == "sdpa"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_attn_implementation("auto", torch.bfloat16) == "sdpa"  # not said twice
+
+
+@pytest.mark.parametrize("preset", ["zephyr-7b.yaml", "qwen2.5-3b.yaml"])
+def test_gpu_presets_load_in_bf16_so_auto_can_pick_flash_attn(preset):
+    from train.config import load_config
+
+    cfg = load_config(str(ROOT / "train" / "configs" / preset))
+    assert cfg.model.torch_dtype == "bfloat16" and cfg.model.attn_implementation == "auto"
+    assert cfg.train.mixed_precision == "bf16"
+
+
+def test_explicit_flash_attention_2_without_the_package_is_a_one_line_config_error(tmp_path, capsys):
+    import importlib.util as iu
+
+    if iu.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed here")
+    from train import selfplay
+
+    rc = selfplay.cli(["--config", str(ROOT / "train" / "configs" / "tiny-cpu.yaml"), "--output_dir",
+                       str(tmp_path / "run"), "--model.attn_implementation", "flash_attention_2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("selfplay: error: config key 'model.attn_implementation' is flash_attention_2 but the "
+                          "flash-attn package is not installed")

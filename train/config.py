@@ -45,7 +45,9 @@ class ModelConfig:
     chat_template: Optional[str] = None
     trust_remote_code: bool = False
     torch_dtype: str = "float32"  # float32 | bfloat16 | float16 | auto
-    attn_implementation: str = "auto"  # auto (flash_attention_2 if importable, else sdpa) | sdpa | eager | ...
+    # auto (flash_attention_2 for a bf16/fp16 model on CUDA when flash-attn is importable, else sdpa)
+    # | flash_attention_2 | sdpa | eager | ...
+    attn_implementation: str = "auto"
     use_liger: bool = False  # patch the model's layers with Liger-Kernel when importable
     gradient_checkpointing: bool = False
 
@@ -335,6 +337,9 @@ def _check_values(cfg: Config) -> None:
             raise ConfigError("config key 'model.init_config' needs a 'model_type' entry (e.g. llama)")
         if cfg.model.tokenizer is None:
             raise ConfigError("config key 'model.tokenizer' is required with 'model.init_config'")
+    if cfg.model.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ConfigError("config key 'model.attn_implementation' is flash_attention_2 but the flash-attn package "
+                          "is not installed (pip install -e '.[flash-attn]', CUDA only); use auto or sdpa")
     if cfg.eval.lm_eval_tasks and importlib.util.find_spec("lm_eval") is None:
         raise ConfigError("config key 'eval.lm_eval_tasks' is set but lm-evaluation-harness (lm_eval) is not installed")
     if cfg.loss.alpha_min > cfg.loss.alpha_max:

@@ -74,12 +74,23 @@ def load_tokenizer(cfg: ModelConfig):
     return tok
 
 
+_SAID = set()
+
+
 def resolve_attn_implementation(requested: str, dtype) -> str:
+    """``auto``: flash_attention_2 for a bf16/fp16 model on CUDA when flash-attn is importable,
+    sdpa otherwise (flash-attn computes in half precision only). On CUDA with a half-precision
+    model but no flash-attn, says so once (a warning), since that is the case a user expected it."""
     if requested != "auto":
         return requested
     half = dtype in (torch.bfloat16, torch.float16)
-    if half and torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
+    if half and torch.cuda.is_available():
+        if importlib.util.find_spec("flash_attn") is not None:
+            return "flash_attention_2"
+        if "no-flash-attn" not in _SAID:
+            _SAID.add("no-flash-attn")
+            warnings.warn("model.attn_implementation auto: flash-attn is not installed, using sdpa "
+                          "(pip install -e '.[flash-attn]' for flash_attention_2)", stacklevel=2)
     return "sdpa"
 
 

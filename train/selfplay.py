@@ -115,6 +115,12 @@ def main(argv=None) -> None:
         clip = accelerator.state.deepspeed_plugin.deepspeed_config.get("gradient_clipping")
         log(f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}: gradient clipping is the DeepSpeed "
             f"config's gradient_clipping ({clip}); optim.max_grad_norm is not used")
+    elif cfg.model.torch_dtype in ("bfloat16", "float16"):
+        # DeepSpeed's bf16/fp16 modes keep fp32 master weights; a plain torch optimizer does not.
+        log(f"warning: model.torch_dtype {cfg.model.torch_dtype} without DeepSpeed: the optimizer updates "
+            f"{cfg.model.torch_dtype} weights directly (no fp32 master copy), so updates much smaller than a weight "
+            f"round away; use train/configs/accelerate/deepspeed-zero3.yaml, or model.torch_dtype float32 with "
+            f"train.mixed_precision bf16")
     trained_already = (out / f"iter_{start}" / "TRAINED").exists()
     # Whole on every process even under ZeRO-3 (train/deepspeed_support.py); prepare() partitions it.
     with whole_model_loading():
