@@ -34,10 +34,11 @@ from train.checkpoint import (Progress, load_iteration_state, load_training_chec
 from train.config import ConfigError, dump_config, flatten, parse_cli, usage_text, wants_help
 from train.deepspeed_support import fill_micro_batch_size, grad_norm_tensor, make_accelerator, whole_model_loading
 from train.data import build_examples, load_rows, step_micro_batches, stop_token_ids
-from train.evaluation import evaluate, lm_eval_scores
+from train.evaluation import evaluate
 from train.faults import maybe_kill
 from train.generation import make_sampler
 from train.io_utils import atomic_write_json, atomic_write_text
+from train.lm_eval_support import iteration_scores, plot_scores
 from train.metrics import MetricsLog
 from train.modeling import (SequenceLogprobs, build_initial_model, load_checkpoint_model, load_tokenizer,
                             save_model)
@@ -359,13 +360,16 @@ def main(argv=None) -> None:
         result = run_eval(t, synthetic.get("heldout"), reference.get("heldout"),
                           alpha if cfg.loss.name == "iris" else None)
         result["gap"] = getattr(alpha_schedule, "last_gap", None)
-        if cfg.eval.lm_eval_tasks:
+        if cfg.eval.lm_eval.tasks:  # train/lm_eval_support.py: the saved θ_{t+1}, main process only
             if is_main:
-                result.update(lm_eval_scores(model, tokenizer, cfg.eval.lm_eval_tasks,
-                                             batch_size=cfg.eval.batch_size))
+                result.update(iteration_scores(it, cfg.eval.lm_eval, out_dir=out, device=str(accelerator.device),
+                                               dtype=cfg.model.torch_dtype, seed=cfg.seed,
+                                               trust_remote_code=cfg.model.trust_remote_code))
             accelerator.wait_for_everyone()
         record = {"kind": "eval", "iteration": t, "step": global_step, "alpha": alpha, **result}
         metrics.log(record)
+        if cfg.eval.lm_eval.tasks and is_main:
+            plot_scores(out, metrics.records("eval"))
         if not legend_shown:
             log(metrics_legend(cfg))
             legend_shown = True
