@@ -68,7 +68,7 @@ def test_lm_eval_keys_are_checked():
         load_config(preset, {"eval.lm_eval.limit": 0})
     with pytest.raises(ConfigError, match="did you mean 'eval.lm_eval.tasks'"):
         load_config(preset, {"eval.lm_eval.task": ["iris_heldout_mc"]})
-    cfg = load_config(preset, {"eval.lm_eval.tasks": "[iris_heldout_mc]", "eval.lm_eval.num_fewshot": 2})
+    cfg = load_config(preset, {"eval.lm_eval.tasks": ["iris_heldout_mc"], "eval.lm_eval.num_fewshot": 2})
     assert cfg.eval.lm_eval.num_fewshot == 2
 
 

@@ -70,7 +70,13 @@ class DataConfig:
 
 @dataclass
 class GenerationConfig:
-    backend: str = "hf"  # hf (transformers generate); the only backend so far
+    # hf (transformers generate, in process) | vllm (a separate engine process per shard on the saved
+    # model folder: train/generation_requests.py, train/vllm_engine.py)
+    backend: str = "hf"
+    # vllm backend: the engine's command line, run as COMMAND REQUEST.json RESPONSE.json
+    # ([] = this Python running train/vllm_engine.py; vLLM may live in its own environment)
+    engine_command: List[str] = field(default_factory=list)
+    engine_args: Dict[str, Any] = field(default_factory=dict)  # vllm backend: extra vllm.LLM(...) arguments
     max_new_tokens: int = 256
     temperature: float = 1.0
     top_p: float = 1.0
@@ -160,7 +166,7 @@ class Config:
 
 _CHOICES = {
     "model.torch_dtype": ("float32", "bfloat16", "float16", "auto"),
-    "generation.backend": ("hf",),
+    "generation.backend": ("hf", "vllm"),
     "loss.name": ("iris", "spin", "space", "chi2", "dpo", "sft"),
     "loss.alpha_schedule": ("adaptive", "gap_adaptive", "constant", "linear", "cosine"),
     "loss.scope": ("micro", "rank", "global"),

@@ -37,6 +37,7 @@ from train.data import build_examples, load_rows, step_micro_batches, stop_token
 from train.evaluation import evaluate
 from train.faults import maybe_kill
 from train.generation import make_sampler
+from train.generation_requests import engine_env, engine_model_folder, make_engine_sampler
 from train.io_utils import atomic_write_json, atomic_write_text
 from train.lm_eval_support import iteration_scores, plot_scores
 from train.metrics import MetricsLog
@@ -218,12 +219,23 @@ def main(argv=None) -> None:
 
         # ------------------------------------------------------------ a. generate with θ_t
         synthetic = {}
+        engine_model = None
+        if cfg.generation.backend == "vllm" and not trained:  # a separate engine on θ_t's folder
+            engine_model = engine_model_folder(out, t, cfg.model, model, tokenizer, accelerator)
         for split, examples in splits.items():
             if not trained:
-                sampler = make_sampler(model, tokenizer, cfg.generation, stop_ids=stop_ids,
-                                       seed_parts=(cfg.seed, t, split))
+                if engine_model is not None:
+                    sampler = make_engine_sampler(tokenizer, cfg.generation, model=engine_model,
+                                                  dtype=cfg.model.torch_dtype, stop_ids=stop_ids,
+                                                  seed_parts=(cfg.seed, t, split), work_dir=it / "engine",
+                                                  prefix=split, env_extra=engine_env(accelerator))
+                else:
+                    sampler = make_sampler(model, tokenizer, cfg.generation, stop_ids=stop_ids,
+                                           seed_parts=(cfg.seed, t, split))
+                # The engine answers a whole shard per run: a crash loses at most that shard.
+                batch = cfg.generation.shard_size if engine_model is not None else cfg.generation.batch_size
                 run_sharded(examples, sampler, out_dir=it, prefix=f"generated-{split}",
-                            shard_size=cfg.generation.shard_size, batch_size=cfg.generation.batch_size,
+                            shard_size=cfg.generation.shard_size, batch_size=batch,
                             rank=rank, world_size=world, desc=f"iter {t} generate {split}",
                             fault_phase="generate", show_progress=is_main, log=log)
                 accelerator.wait_for_everyone()
