@@ -1,6 +1,5 @@
-"""train/modeling.py and train/evaluation.py helpers: model options, the pkg: source, lm-eval glue."""
+"""train/modeling.py and train/evaluation.py helpers: model options, the pkg: source, attention choice."""
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ if str(ROOT) not in sys.path:
 
 from train.config import ModelConfig  # noqa: E402
 from train.data import pair_batch  # noqa: E402
-from train.evaluation import ess, lm_eval_scores  # noqa: E402
+from train.evaluation import ess  # noqa: E402
 from train.modeling import (SequenceLogprobs, assert_finite_parameters, build_initial_model,  # noqa: E402
                             load_tokenizer, resolve_attn_implementation, resolve_source, save_model)
 
@@ -106,21 +105,6 @@ def test_ess_bounds():
     assert ess(torch.tensor([0.0, 1e4, 0.0])) == pytest.approx(1.0)
     w = torch.softmax(torch.tensor([0.3, -1.2, 2.0], dtype=torch.float64), 0)
     assert ess(torch.tensor([0.3, -1.2, 2.0])) == pytest.approx(float(1 / (w * w).sum()))
-
-
-def test_lm_eval_scores_flattens_the_harness_results(monkeypatch):
-    seen = {}
-    fake = types.ModuleType("lm_eval")
-    fake.simple_evaluate = lambda model, tasks: seen.update(model=model, tasks=tasks) or {
-        "results": {"arc_easy": {"acc,none": 0.5, "acc_stderr,none": 0.01, "alias": "arc_easy"}}}
-    hf = types.ModuleType("lm_eval.models.huggingface")
-    hf.HFLM = lambda pretrained, tokenizer, batch_size: ("HFLM", pretrained, batch_size)
-    monkeypatch.setitem(sys.modules, "lm_eval", fake)
-    monkeypatch.setitem(sys.modules, "lm_eval.models", types.ModuleType("lm_eval.models"))
-    monkeypatch.setitem(sys.modules, "lm_eval.models.huggingface", hf)
-    out = lm_eval_scores("MODEL", "TOK", ["arc_easy"], batch_size=4)
-    assert out == {"lm_eval/arc_easy/acc,none": 0.5}
-    assert seen == {"model": ("HFLM", "MODEL", 4), "tasks": ["arc_easy"]}
 
 
 def test_auto_attention_picks_flash_attn_for_half_models_on_cuda_only(monkeypatch):
