@@ -101,16 +101,16 @@ def _args(out, iterations, tied):
     return args
 
 
-def _single(out, *, iterations, tied, **env):
-    cmd = [sys.executable, str(SCRIPT)] + _args(out, iterations, tied)
+def _single(out, *, iterations, tied, extra=(), **env):
+    cmd = [sys.executable, str(SCRIPT)] + _args(out, iterations, tied) + list(extra)
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(**env), capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
-def _zero3(tmp_path, out, *, iterations, tied, **env):
+def _zero3(tmp_path, out, *, iterations, tied, extra=(), **env):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(_accelerate_config(tmp_path)),
            "--num_processes", "2", "--main_process_port", str(_free_port()), str(SCRIPT)]
-    cmd += _args(out, iterations, tied) + ["--train.per_device_batch_size", str(BATCH // 2)]
+    cmd += _args(out, iterations, tied) + ["--train.per_device_batch_size", str(BATCH // 2)] + list(extra)
     return subprocess.run(cmd, cwd=ROOT, env=_env(**env), capture_output=True, text=True, timeout=800)
 
 
@@ -182,11 +182,19 @@ def test_zero3_tied_killed_and_resumed_matches_one_process(tmp_path):
 
 
 def test_zero3_untied_two_iterations_with_a_nan_step_match_one_process(tmp_path):
+    # With lm-eval on each saved model (train/lm_eval_support.py: its own process, outside the
+    # run's process group), when installed: the same scores as the one-process run's.
+    lm_eval = ["--eval.lm_eval.tasks", "[iris_heldout_mc]", "--eval.lm_eval.limit", "8"] \
+        if importlib.util.find_spec("lm_eval") else []
     single = tmp_path / "single"
-    _single(single, iterations=2, tied=False, IRIS_SELFPLAY_NAN_STEPS="6")
+    _single(single, iterations=2, tied=False, IRIS_SELFPLAY_NAN_STEPS="6", extra=lm_eval)
     assert "lm_head.weight" in _weights(single, 0)  # really untied
     out = tmp_path / "zero3"
-    proc = _zero3(tmp_path, out, iterations=2, tied=False, IRIS_SELFPLAY_NAN_STEPS="6")
+    proc = _zero3(tmp_path, out, iterations=2, tied=False, IRIS_SELFPLAY_NAN_STEPS="6", extra=lm_eval)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    if lm_eval:
+        for t in (0, 1):
+            key = "lm_eval/iris_heldout_mc/acc_norm"
+            assert _metrics(out, "eval")[-2 + t][key] == _metrics(single, "eval")[-2 + t][key]
     assert "DeepSpeed ZeRO-3: gradient clipping" in proc.stdout + proc.stderr  # DeepSpeed ran, not plain DDP
     _assert_same_run(out, single, 2, tied=False, skipped=(6,))

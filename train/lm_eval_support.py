@@ -1,9 +1,9 @@
 """Phase d, optional: lm-evaluation-harness scores of each iteration's saved model (``eval.lm_eval``).
 
-Needs the ``eval`` extra (``pip install -e ".[eval]"``, lm-eval 0.4.x). The main process runs
-``lm_eval.simple_evaluate(model="hf", model_args={"pretrained": iter_t/model, ...})`` on the
-folder phase c saved (safetensors, tokenizer included), the way SPIN scores its checkpoints;
-the other processes wait. The scores go to ``iter_t/lm_eval.json`` (atomic; a rerun after a
+Needs the ``eval`` extra (``pip install -e ".[eval]"``, lm-eval 0.4.x). The main process starts
+one evaluation process per iteration, which runs ``lm_eval.simple_evaluate(model="hf",
+model_args={"pretrained": iter_t/model, ...})`` on the folder phase c saved (safetensors,
+tokenizer included), the way SPIN scores its checkpoints; the other processes wait. The scores go to ``iter_t/lm_eval.json`` (atomic; a rerun after a
 crash in evaluation reads it instead of evaluating again), into the iteration's eval record as
 ``lm_eval/<task>/<metric>`` (so metrics.jsonl and TensorBoard carry them), and into
 ``lm_eval.png``, one curve per score over the iterations.
@@ -17,15 +17,22 @@ the folder is copied into the run (``<output_dir>/lm_eval_tasks/``) with absolut
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Dict, List
 
+if __package__ in (None, ""):  # run as the evaluation process: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 import yaml
 
-from .config import LmEvalConfig
-from .io_utils import atomic_write_json, atomic_write_text
+from train.config import LmEvalConfig
+from train.io_utils import atomic_write_json, atomic_write_text
 
 TASK_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
 RESULT_FILE = "lm_eval.json"
@@ -82,18 +89,41 @@ def run_lm_eval(model_dir, cfg: LmEvalConfig, *, out_dir, device: str, dtype: st
     return json.loads(json.dumps({k: results.get(k) for k in keep if k in results}, default=str))
 
 
+# Variables of the launcher's process group: lm-eval's "hf" model would join it (and wait for the
+# other processes, which are not evaluating), so the evaluation process starts without them.
+_DISTRIBUTED_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+                    "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+
+
 def iteration_scores(it_dir, cfg: LmEvalConfig, *, out_dir, device: str, dtype: str, seed: int,
                      trust_remote_code: bool = False) -> Dict[str, float]:
     """Scores of ``it_dir/model``: read from ``it_dir/lm_eval.json`` when a previous run wrote it,
-    else evaluated and written there (atomically) first."""
+    else evaluated first, in a separate process (outside the run's process group and its
+    DeepSpeed / FSDP state, with its own memory), which writes that file atomically."""
     path = Path(it_dir) / RESULT_FILE
-    if path.exists():
-        results = json.loads(path.read_text())
-    else:
-        results = run_lm_eval(Path(it_dir) / "model", cfg, out_dir=out_dir, device=device, dtype=dtype, seed=seed,
-                              trust_remote_code=trust_remote_code)
-        atomic_write_json(path, results)
-    return flatten_results(results)
+    if not path.exists():
+        env = {k: v for k, v in os.environ.items() if k not in _DISTRIBUTED_ENV and not k.startswith("ACCELERATE_")}
+        if device.startswith("cuda"):
+            index = int(device.partition(":")[2] or 0)
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            env["CUDA_VISIBLE_DEVICES"] = visible.split(",")[index] if visible else str(index)
+            device = "cuda:0"
+        job = {"model_dir": str(Path(it_dir) / "model"), "config": dataclasses.asdict(cfg), "out_dir": str(out_dir),
+               "device": device, "dtype": dtype, "seed": seed, "trust_remote_code": trust_remote_code,
+               "result": str(path)}
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), json.dumps(job)], env=env,
+                              capture_output=True, text=True)
+        if proc.returncode != 0 or not path.exists():
+            raise RuntimeError(f"lm-evaluation-harness failed on {job['model_dir']} (status {proc.returncode}):\n"
+                               f"{(proc.stderr or proc.stdout)[-3000:]}")
+    return flatten_results(json.loads(path.read_text()))
+
+
+def _main(job_json: str) -> None:
+    job = json.loads(job_json)
+    results = run_lm_eval(job["model_dir"], LmEvalConfig(**job["config"]), out_dir=job["out_dir"], device=job["device"],
+                          dtype=job["dtype"], seed=job["seed"], trust_remote_code=job["trust_remote_code"])
+    atomic_write_json(job["result"], results)
 
 
 def plot_scores(out_dir, records: List[dict]) -> Path | None:
@@ -126,3 +156,7 @@ def plot_scores(out_dir, records: List[dict]) -> Path | None:
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1])
