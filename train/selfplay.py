@@ -312,6 +312,8 @@ def main(argv=None) -> None:
                 if skipped:
                     progress.nan_streak += 1
                 else:
+                    # Under DeepSpeed a no-op: the engine stepped inside accelerator.backward (and
+                    # skipped a non-finite step itself; tests/test_train_zero3.py has one).
                     optimizer.step()
                     progress.nan_streak = 0
                 optimizer.zero_grad(set_to_none=True)
