@@ -128,7 +128,10 @@ def engine_model_folder(out_dir, iteration: int, model_cfg, model, tokenizer, ac
         return resolve_source(model_cfg.name_or_path, "model.name_or_path")
     folder = Path(out_dir) / "model_init"
     if accelerator.is_main_process and not folder.exists():
-        save_model(model, tokenizer, folder)
+        from .deepspeed_support import whole_model_loading
+
+        with whole_model_loading():  # θ_0 is whole here; transformers must not treat it as ZeRO-3
+            save_model(model, tokenizer, folder)
     accelerator.wait_for_everyone()
     return str(folder)
 
