@@ -42,5 +42,9 @@ setup(
         # iris_kernels.integrations.trl (SelfPlayTrainer) and the trl-chunked benchmark peer
         "trl": ["trl>=1.16,<2", "datasets>=2.18"],
         "flash-attn": ["flash-attn>=2.6"],
+        # ZeRO-3 through accelerate (train/configs/accelerate/deepspeed-zero3.yaml)
+        "deepspeed": ["deepspeed>=0.15"],
+        # eval.lm_eval: lm-evaluation-harness on each iteration's saved model
+        "eval": ["lm-eval>=0.4.5"],
     },
 )

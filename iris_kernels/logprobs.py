@@ -13,7 +13,7 @@ from .autograd import TritonLinearLogprobs, interpreting
 from .chunked import ChunkedLinearLogprobs
 from .reference import reference_linear_logprobs
 from .custom_ops import apply_backend
-from .sharding import full_weights
+from .sharding import full_weights, guard_zero3_backward
 from .tuning import BACKWARDS, FORWARDS, auto_choice
 from .types import Backend, LinearLogprobsOutput, LogprobsParams, accumulation_dtype
 
@@ -222,6 +222,7 @@ def linear_logprobs(
     differentiation (their first backward is unaffected).
     """
     weight, bias = full_weights(hidden, weight=weight, bias=bias)  # FSDP2 DTensor / ZeRO-3: sharding.py
+    zero3_weights = {"weight": weight, "bias": bias}
     temperature, softcap = _validate(hidden, weight, targets, bias, temperature, softcap)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
@@ -305,6 +306,7 @@ def linear_logprobs(
             entropy = None
 
     logp = logp.reshape(lead_shape)
+    logp, lse, entropy = guard_zero3_backward(zero3_weights, logp, lse, entropy)  # sharding.py
     if not (return_lse or return_entropy):
         return logp
     return LinearLogprobsOutput(

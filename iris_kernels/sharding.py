@@ -38,6 +38,10 @@ DeepSpeed ZeRO-3 is not gathered here: outside a gathering context its parameter
 placeholders (``numel() == 0``, the real shape in ``ds_shape``) and the gather is DeepSpeed's
 own collective on a module, so such a placeholder raises a ValueError naming the argument and
 the context to use (``deepspeed.zero.GatheredParameters``), never a size error from inside.
+A gathered ZeRO-3 weight must still be whole when the backward runs: ``GatheredParameters``
+releases it when its ``with`` block ends, so a backward run after the block would read an empty
+placeholder; :func:`guard_zero3_backward` turns that into a ValueError saying to run the backward
+inside the block too (inside the DeepSpeed engine, DeepSpeed gathers it again for the backward).
 """
 from __future__ import annotations
 
@@ -45,7 +49,7 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["full_weights", "check_not_distributed"]
+__all__ = ["full_weights", "check_not_distributed", "guard_zero3_backward"]
 
 
 def _dtensor_type():
@@ -123,3 +127,43 @@ def check_not_distributed(**tensors: Optional[torch.Tensor]) -> None:
                 f"activations are not supported (vocabulary-parallel heads are out of scope); pass the "
                 f"local tensor of a data-parallel rank (e.g. {name}.full_tensor() or {name}.to_local())"
             )
+
+
+def _is_zero3_param(t) -> bool:
+    return isinstance(t, torch.Tensor) and (hasattr(t, "ds_id") or hasattr(t, "ds_status"))
+
+
+class _Zero3BackwardGuard(torch.autograd.Function):
+    """Identity on the op's outputs; its backward runs just before the op's and checks that
+    the ZeRO-3 weights the op saved are still gathered (DeepSpeed empties a released parameter's
+    data in place, so the op's own backward would fail with a bare size mismatch)."""
+
+    @staticmethod
+    def forward(ctx, names, params, *outputs):
+        ctx.names, ctx.params = names, params
+        return tuple(o.view_as(o) for o in outputs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        for name, p in zip(ctx.names, ctx.params):
+            if p.numel() == 0:
+                shape = tuple(getattr(p, "ds_shape", ()) or ())
+                raise ValueError(
+                    f"{name} is a DeepSpeed ZeRO-3 parameter that was released before the backward (local shape "
+                    f"{tuple(p.shape)}, full shape {shape or 'unknown'}): with "
+                    f"`deepspeed.zero.GatheredParameters`, run the backward inside the same `with` block as the "
+                    f"forward, or call the op inside the forward of a module run by the DeepSpeed engine, which "
+                    f"gathers the weight again for the backward")
+        return (None, None) + grads
+
+
+def guard_zero3_backward(weights: dict, *outputs):
+    """``outputs`` unchanged (None passes through), with a backward check that the DeepSpeed ZeRO-3
+    parameters among ``weights`` (name -> tensor or None) are still gathered when the backward
+    runs. Free (no autograd node) when no weight is a ZeRO-3 parameter."""
+    found = [(n, w) for n, w in weights.items() if _is_zero3_param(w) and w.requires_grad]
+    live = [o for o in outputs if o is not None and o.requires_grad]
+    if not found or not live or not torch.is_grad_enabled():
+        return outputs
+    guarded = iter(_Zero3BackwardGuard.apply(tuple(n for n, _ in found), tuple(w for _, w in found), *live))
+    return tuple(next(guarded) if (o is not None and o.requires_grad) else o for o in outputs)

@@ -13,6 +13,8 @@ fi
 echo "[ensure_venv] installing the pinned environment into $VENV: about 1 min with a warm pip cache, about 4 min on a fresh 2-core machine (3 min 54 s measured under load)" >&2
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check -r requirements/pinned.txt
+# deepspeed (pinned) builds from source: no CUDA ops at install time (DeepSpeed compiles the small CPU
+# op it needs on first use, once, into its torch-extensions cache).
+DS_BUILD_OPS=0 "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r requirements/pinned.txt
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps -e .
 echo "$stamp_now" > "$VENV/.iris-stamp"

@@ -1,6 +1,5 @@
-"""train/modeling.py and train/evaluation.py helpers: model options, the pkg: source, lm-eval glue."""
+"""train/modeling.py and train/evaluation.py helpers: model options, the pkg: source, attention choice."""
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ if str(ROOT) not in sys.path:
 
 from train.config import ModelConfig  # noqa: E402
 from train.data import pair_batch  # noqa: E402
-from train.evaluation import ess, lm_eval_scores  # noqa: E402
+from train.evaluation import ess  # noqa: E402
 from train.modeling import (SequenceLogprobs, assert_finite_parameters, build_initial_model,  # noqa: E402
                             load_tokenizer, resolve_attn_implementation, resolve_source, save_model)
 
@@ -108,16 +107,50 @@ def test_ess_bounds():
     assert ess(torch.tensor([0.3, -1.2, 2.0])) == pytest.approx(float(1 / (w * w).sum()))
 
 
-def test_lm_eval_scores_flattens_the_harness_results(monkeypatch):
-    seen = {}
-    fake = types.ModuleType("lm_eval")
-    fake.simple_evaluate = lambda model, tasks: seen.update(model=model, tasks=tasks) or {
-        "results": {"arc_easy": {"acc,none": 0.5, "acc_stderr,none": 0.01, "alias": "arc_easy"}}}
-    hf = types.ModuleType("lm_eval.models.huggingface")
-    hf.HFLM = lambda pretrained, tokenizer, batch_size: ("HFLM", pretrained, batch_size)
-    monkeypatch.setitem(sys.modules, "lm_eval", fake)
-    monkeypatch.setitem(sys.modules, "lm_eval.models", types.ModuleType("lm_eval.models"))
-    monkeypatch.setitem(sys.modules, "lm_eval.models.huggingface", hf)
-    out = lm_eval_scores("MODEL", "TOK", ["arc_easy"], batch_size=4)
-    assert out == {"lm_eval/arc_easy/acc,none": 0.5}
-    assert seen == {"model": ("HFLM", "MODEL", 4), "tasks": ["arc_easy"]}
+def test_auto_attention_picks_flash_attn_for_half_models_on_cuda_only(monkeypatch):
+    import importlib.util as iu
+
+    import train.modeling as modeling
+
+    real_find_spec = iu.find_spec
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(modeling.importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "flash_attn" else real_find_spec(name, *a))
+    assert resolve_attn_implementation("auto", torch.bfloat16) == "flash_attention_2"
+    assert resolve_attn_implementation("auto", torch.float16) == "flash_attention_2"
+    assert resolve_attn_implementation("auto", torch.float32) == "sdpa"  # flash-attn computes in half only
+    # Without the package: sdpa, and said once.
+    monkeypatch.setattr(modeling.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "flash_attn" else real_find_spec(name, *a))
+    monkeypatch.setattr(modeling, "_SAID", set())
+    with pytest.warns(UserWarning, match="flash-attn is not installed, using sdpa"):
+        assert resolve_attn_implementation("auto", torch.bfloat16) == "sdpa"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_attn_implementation("auto", torch.bfloat16) == "sdpa"  # not said twice
+
+
+@pytest.mark.parametrize("preset", ["zephyr-7b.yaml", "qwen2.5-3b.yaml"])
+def test_gpu_presets_load_in_bf16_so_auto_can_pick_flash_attn(preset):
+    from train.config import load_config
+
+    cfg = load_config(str(ROOT / "train" / "configs" / preset))
+    assert cfg.model.torch_dtype == "bfloat16" and cfg.model.attn_implementation == "auto"
+    assert cfg.train.mixed_precision == "bf16"
+
+
+def test_explicit_flash_attention_2_without_the_package_is_a_one_line_config_error(tmp_path, capsys):
+    import importlib.util as iu
+
+    if iu.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed here")
+    from train import selfplay
+
+    rc = selfplay.cli(["--config", str(ROOT / "train" / "configs" / "tiny-cpu.yaml"), "--output_dir",
+                       str(tmp_path / "run"), "--model.attn_implementation", "flash_attention_2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("selfplay: error: config key 'model.attn_implementation' is flash_attention_2 but the "
+                          "flash-attn package is not installed")

@@ -50,7 +50,9 @@ class ModelConfig:
     chat_template: Optional[str] = None
     trust_remote_code: bool = False
     torch_dtype: str = "float32"  # float32 | bfloat16 | float16 | auto
-    attn_implementation: str = "auto"  # auto (flash_attention_2 if importable, else sdpa) | sdpa | eager | ...
+    # auto (flash_attention_2 for a bf16/fp16 model on CUDA when flash-attn is importable, else sdpa)
+    # | flash_attention_2 | sdpa | eager | ...
+    attn_implementation: str = "auto"
     use_liger: bool = False  # patch the model's layers with Liger-Kernel when importable
     gradient_checkpointing: bool = False
 
@@ -73,7 +75,13 @@ class DataConfig:
 
 @dataclass
 class GenerationConfig:
-    backend: str = "hf"  # hf (transformers generate); the only backend so far
+    # hf (transformers generate, in process) | vllm (a separate engine process per shard on the saved
+    # model folder: train/generation_requests.py, train/vllm_engine.py)
+    backend: str = "hf"
+    # vllm backend: the engine's command line, run as COMMAND REQUEST.json RESPONSE.json
+    # ([] = this Python running train/vllm_engine.py; vLLM may live in its own environment)
+    engine_command: List[str] = field(default_factory=list)
+    engine_args: Dict[str, Any] = field(default_factory=dict)  # vllm backend: extra vllm.LLM(...) arguments
     max_new_tokens: int = 256
     temperature: float = 1.0
     top_p: float = 1.0
@@ -127,12 +135,25 @@ class TrainConfig:
 
 
 @dataclass
+class LmEvalConfig:
+    # lm-evaluation-harness tasks run on each iteration's saved model (needs `pip install -e ".[eval]"`);
+    # empty = off. The harness's own held-out data: iris_heldout_mc, iris_heldout_gen (offline).
+    tasks: List[str] = field(default_factory=list)
+    num_fewshot: Optional[int] = None  # few-shot examples per prompt (null: each task's default)
+    limit: Optional[float] = None  # documents per task: a count >= 1, or a fraction < 1 (null: all)
+    batch_size: int = 16
+    apply_chat_template: bool = False  # render prompts with the tokenizer's chat template
+    # extra folder of task YAMLs; train/lm_eval_tasks (the held-out tasks) is always registered
+    include_path: Optional[str] = None
+
+
+@dataclass
 class EvalConfig:
     batch_size: int = 16
     max_new_tokens: int = 32  # greedy answers for exact-match accuracy
     accuracy: bool = True
     at_start: bool = True  # also evaluate θ_0 before the first iteration
-    lm_eval_tasks: List[str] = field(default_factory=list)  # lm-evaluation-harness tasks, if installed
+    lm_eval: LmEvalConfig = field(default_factory=LmEvalConfig)  # the eval.lm_eval.* keys
 
 
 @dataclass
@@ -154,7 +175,7 @@ class Config:
 
 _CHOICES = {
     "model.torch_dtype": ("float32", "bfloat16", "float16", "auto"),
-    "generation.backend": ("hf",),
+    "generation.backend": ("hf", "vllm"),
     "loss.name": ("iris", "spin", "space", "chi2", "dpo", "sft"),
     "loss.alpha_schedule": ("adaptive", "gap_adaptive", "constant", "linear", "cosine"),
     "loss.scope": ("micro", "rank", "global"),
@@ -166,7 +187,7 @@ _POSITIVE = {
     "train.epochs", "train.per_device_batch_size", "train.gradient_accumulation_steps",
     "train.max_consecutive_nan", "train.log_steps", "eval.batch_size", "eval.max_new_tokens",
     "data.max_prompt_length", "data.max_length", "train.max_steps", "data.max_train_prompts",
-    "data.max_eval_prompts",
+    "data.max_eval_prompts", "eval.lm_eval.batch_size",
 }
 _NON_NEGATIVE = {"generation.temperature", "generation.top_k", "train.save_steps", "optim.lr",
                  "optim.weight_decay", "loss.alpha", "loss.alpha_max", "loss.alpha_min", "optim.eps"}
@@ -344,8 +365,17 @@ def _check_values(cfg: Config) -> None:
             raise ConfigError("config key 'model.init_config' needs a 'model_type' entry (e.g. llama)")
         if cfg.model.tokenizer is None:
             raise ConfigError("config key 'model.tokenizer' is required with 'model.init_config'")
-    if cfg.eval.lm_eval_tasks and importlib.util.find_spec("lm_eval") is None:
-        raise ConfigError("config key 'eval.lm_eval_tasks' is set but lm-evaluation-harness (lm_eval) is not installed")
+    if cfg.model.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ConfigError("config key 'model.attn_implementation' is flash_attention_2 but the flash-attn package "
+                          "is not installed (pip install -e '.[flash-attn]', CUDA only); use auto or sdpa")
+    if cfg.eval.lm_eval.tasks and importlib.util.find_spec("lm_eval") is None:
+        raise ConfigError("config key 'eval.lm_eval.tasks' is set but lm-evaluation-harness (lm_eval) is not "
+                          "installed (pip install -e '.[eval]', or --eval.lm_eval.tasks [] to run without it)")
+    if cfg.eval.lm_eval.limit is not None and not (cfg.eval.lm_eval.limit > 0 and math.isfinite(cfg.eval.lm_eval.limit)):
+        raise ConfigError(f"config key 'eval.lm_eval.limit' must be > 0 (a count, or a fraction < 1), "
+                          f"got {cfg.eval.lm_eval.limit}")
+    if cfg.eval.lm_eval.num_fewshot is not None and cfg.eval.lm_eval.num_fewshot < 0:
+        raise ConfigError(f"config key 'eval.lm_eval.num_fewshot' must be >= 0, got {cfg.eval.lm_eval.num_fewshot}")
     if cfg.loss.alpha_min > cfg.loss.alpha_max:
         raise ConfigError(
             f"config key 'loss.alpha_min' ({cfg.loss.alpha_min}) must be <= 'loss.alpha_max' ({cfg.loss.alpha_max})")
@@ -367,7 +397,17 @@ def flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     return out
 
 
-_SECTIONS = {f.name for f in dataclasses.fields(Config) if dataclasses.is_dataclass(_section_fields(Config)[f.name])}
+def _section_paths(cls, prefix: str = "") -> set:
+    """Dotted paths of every section, nested ones included ("eval", "eval.lm_eval")."""
+    out = set()
+    for name, tp in _section_fields(cls).items():
+        if dataclasses.is_dataclass(tp):
+            out.add(f"{prefix}{name}")
+            out |= _section_paths(tp, f"{prefix}{name}.")
+    return out
+
+
+_SECTIONS = _section_paths(Config)
 
 
 def config_from_dict(values: Dict[str, Any]) -> Config:
@@ -391,7 +431,7 @@ def apply_overrides(values: Dict[str, Any], overrides: Dict[str, Any]) -> Dict[s
         parts = dotted.split(".")
         node = values
         for i, part in enumerate(parts[:-1]):
-            if part not in _SECTIONS or i > 0:
+            if ".".join(parts[: i + 1]) not in _SECTIONS:
                 raise _unknown_key(dotted, flatten(Config().to_dict()))
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
@@ -501,18 +541,23 @@ def usage_text(preset_dir: Optional[Path] = None) -> str:
     lines += ["", "config keys (type [default]):"]
     hints = _section_fields(Config)
     defaults = Config()
+    def section_lines(prefix, cls, section):
+        comments = _field_comments(cls)
+        for fname, ftp in _section_fields(cls).items():
+            value = getattr(section, fname)
+            if dataclasses.is_dataclass(ftp):  # a nested section (eval.lm_eval): its keys, one by one
+                section_lines(f"{prefix}{fname}.", ftp, value)
+                continue
+            default = value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True)
+            default = str(default).strip().removesuffix("...").strip()
+            key = f"{prefix}{fname}"
+            lines.append(f"  --{key:34s} {_help_type(ftp)} [{default}]")
+            if comments.get(fname):
+                lines.append(f"      {comments[fname]}")
+
     for name, tp in hints.items():
         if dataclasses.is_dataclass(tp):
-            comments = _field_comments(tp)
-            section = getattr(defaults, name)
-            for fname, ftp in _section_fields(tp).items():
-                value = getattr(section, fname)
-                default = value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True)
-                default = str(default).strip().removesuffix("...").strip()
-                key = f"{name}.{fname}"
-                lines.append(f"  --{key:34s} {_help_type(ftp)} [{default}]")
-                if comments.get(fname):
-                    lines.append(f"      {comments[fname]}")
+            section_lines(f"{name}.", tp, getattr(defaults, name))
         else:
             lines.append(f"  --{name:34s} {_help_type(tp)} [{getattr(defaults, name)}]")
     lines += [

@@ -186,20 +186,3 @@ def evaluate(seq_model, model, tokenizer, examples: Sequence[Example], *, synthe
             out["ess_real_frac"] = out["ess_real"] / len(gr)
             out["ess_syn_frac"] = out["ess_syn"] / len(gs)
     return out
-
-
-def lm_eval_scores(model, tokenizer, tasks, *, batch_size: int) -> Dict[str, float]:
-    """lm-evaluation-harness scores of the in-memory model (main process only), flattened to
-    ``lm_eval/<task>/<metric>``. Needs the ``lm_eval`` package; its tasks fetch their data sets,
-    so this is for machines with hub access (or a warm cache), not for the offline tests."""
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
-
-    results = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size),
-                                      tasks=list(tasks))
-    out = {}
-    for task, metrics in results["results"].items():
-        for name, value in metrics.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and "stderr" not in name:
-                out[f"lm_eval/{task}/{name}"] = float(value)
-    return out

@@ -61,13 +61,24 @@ def generate_responses(model, tokenizer, examples: Sequence[Example], *, stop_id
         devices = [torch.cuda.current_device()] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_config)
+            # synced_gpus=False: each process generates its own rows with a whole model. transformers
+            # turns the sync on whenever a ZeRO-3 config is registered (accelerate registers one under
+            # DeepSpeed), and then a process that has no rows left never joins: every process hangs.
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_config,
+                                 synced_gpus=False)
     finally:
         model.train(was_training)
-    new_tokens = out[:, ids.shape[1]:].tolist()
+    return rows_from_token_ids(examples, out[:, ids.shape[1]:].tolist(), tokenizer, stop_ids)
+
+
+def rows_from_token_ids(examples: Sequence[Example], new_tokens: Sequence[Sequence[int]], tokenizer,
+                        stop_ids: Sequence[int]) -> List[Dict]:
+    """Rows {prompt_id, id, prompt_sha, response_ids, response, finished} from each example's
+    generated token ids (any backend): cut after the first stop token (``finished``) or kept
+    whole (the length limit hit; padding after a stop is cut with it)."""
     rows = []
     for ex, toks in zip(examples, new_tokens):
-        resp, finished = cut_at_stop(toks, stop_ids)
+        resp, finished = cut_at_stop(list(toks), stop_ids)
         rows.append({
             "prompt_id": ex.prompt_id, "id": ex.id, "prompt_sha": ex.prompt_sha, "response_ids": resp,
             "response": tokenizer.decode(resp, skip_special_tokens=True), "finished": finished,

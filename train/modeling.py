@@ -75,12 +75,23 @@ def load_tokenizer(cfg: ModelConfig):
     return tok
 
 
+_SAID = set()
+
+
 def resolve_attn_implementation(requested: str, dtype) -> str:
+    """``auto``: flash_attention_2 for a bf16/fp16 model on CUDA when flash-attn is importable,
+    sdpa otherwise (flash-attn computes in half precision only). On CUDA with a half-precision
+    model but no flash-attn, says so once (a warning), since that is the case a user expected it."""
     if requested != "auto":
         return requested
     half = dtype in (torch.bfloat16, torch.float16)
-    if half and torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
+    if half and torch.cuda.is_available():
+        if importlib.util.find_spec("flash_attn") is not None:
+            return "flash_attention_2"
+        if "no-flash-attn" not in _SAID:
+            _SAID.add("no-flash-attn")
+            warnings.warn("model.attn_implementation auto: flash-attn is not installed, using sdpa "
+                          "(pip install -e '.[flash-attn]' for flash_attention_2)", stacklevel=2)
     return "sdpa"
 
 
@@ -167,9 +178,12 @@ def load_checkpoint_model(path, cfg: ModelConfig):
     return _finish_model(model, cfg)
 
 
-def assert_finite_parameters(model) -> None:
-    """One host sync per save: a checkpoint with NaN/inf weights must never be written."""
-    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+def assert_finite_parameters(model, state_dict=None) -> None:
+    """One host sync per save: a checkpoint with NaN/inf weights must never be written. With a
+    ``state_dict`` (gathered from shards: FSDP2, ZeRO-3, whose model holds only placeholders) its
+    tensors are checked instead of the model's parameters."""
+    named = state_dict.items() if state_dict is not None else model.named_parameters()
+    bad = [n for n, p in named if p.is_floating_point() and not torch.isfinite(p).all()]
     if bad:
         raise FloatingPointError(f"refusing to save non-finite weights in {bad[:5]}{'...' if len(bad) > 5 else ''}")
 
@@ -179,7 +193,7 @@ def save_model(model, tokenizer, final_dir, *, state_dict=None, is_main: bool = 
     final_dir = Path(final_dir)
     if not is_main:
         return
-    assert_finite_parameters(model)
+    assert_finite_parameters(model, state_dict)
     tmp = final_dir.with_name(final_dir.name + ".tmp")
     if tmp.exists():
         import shutil

@@ -26,7 +26,6 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
@@ -34,11 +33,14 @@ from iris_kernels.integrations.dropout import disable_dropout
 from train.checkpoint import (Progress, load_iteration_state, load_training_checkpoint, read_training_progress,
                               remove_training_checkpoint, save_iteration_state, save_training_checkpoint)
 from train.config import ConfigError, dump_config, flatten, parse_cli, usage_text, wants_help
+from train.deepspeed_support import fill_micro_batch_size, grad_norm_tensor, make_accelerator, whole_model_loading
 from train.data import build_examples, load_rows, step_micro_batches, stop_token_ids
-from train.evaluation import evaluate, lm_eval_scores
+from train.evaluation import evaluate
 from train.faults import maybe_kill
 from train.generation import make_sampler
+from train.generation_requests import engine_env, engine_model_folder, make_engine_sampler
 from train.io_utils import atomic_write_json, atomic_write_text
+from train.lm_eval_support import iteration_scores, plot_scores
 from train.metrics import MetricsLog
 from train.modeling import (SequenceLogprobs, build_initial_model, load_checkpoint_model, load_tokenizer,
                             save_model)
@@ -79,15 +81,16 @@ def main(argv=None) -> None:
         return
     cfg, output_dir = parse_cli(argv)
     out = Path(output_dir)
-    # cpu=True without CUDA: under torchrun / `accelerate launch --multi_gpu` this gives one gloo
-    # process group over CPU processes (accelerate's own `--cpu` flag runs a single process).
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
+    accelerator = make_accelerator(cfg.train.mixed_precision)  # train/deepspeed_support.py
     rank, world, is_main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
-    sharded = accelerator.distributed_type.name in ("FSDP", "DEEPSPEED")
-    if accelerator.distributed_type.name == "DEEPSPEED" and cfg.train.gradient_accumulation_steps > 1:
+    deepspeed = accelerator.distributed_type.name == "DEEPSPEED"
+    sharded = accelerator.distributed_type.name == "FSDP" or deepspeed
+    if deepspeed and cfg.train.gradient_accumulation_steps > 1:
         # accelerate's DeepSpeed wrapper steps the optimizer inside every backward call.
-        raise ValueError("train.gradient_accumulation_steps > 1 is not supported under DeepSpeed; "
-                         "raise train.per_device_batch_size or use FSDP")
+        raise ConfigError("train.gradient_accumulation_steps > 1 is not supported under DeepSpeed; "
+                          "raise train.per_device_batch_size or use FSDP")
+    if deepspeed:
+        fill_micro_batch_size(accelerator, cfg.train.per_device_batch_size)
     t_start = time.time()
 
     def log(msg: str) -> None:
@@ -114,17 +117,29 @@ def main(argv=None) -> None:
                 f"(use a new --output_dir to run with them)")
         return
     tokenizer = load_tokenizer(cfg.model)
+    if deepspeed:
+        clip = accelerator.state.deepspeed_plugin.deepspeed_config.get("gradient_clipping")
+        log(f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}: gradient clipping is the DeepSpeed "
+            f"config's gradient_clipping ({clip}); optim.max_grad_norm is not used")
+    elif cfg.model.torch_dtype in ("bfloat16", "float16"):
+        # DeepSpeed's bf16/fp16 modes keep fp32 master weights; a plain torch optimizer does not.
+        log(f"warning: model.torch_dtype {cfg.model.torch_dtype} without DeepSpeed: the optimizer updates "
+            f"{cfg.model.torch_dtype} weights directly (no fp32 master copy), so updates much smaller than a weight "
+            f"round away; use train/configs/accelerate/deepspeed-zero3.yaml, or model.torch_dtype float32 with "
+            f"train.mixed_precision bf16")
     trained_already = (out / f"iter_{start}" / "TRAINED").exists()
-    if trained_already:  # crashed during evaluation: θ_{start+1} is on disk already
-        log(f"resuming at iteration {start}'s evaluation: θ_{start + 1} is trained and saved already")
-        model = load_checkpoint_model(out / f"iter_{start}" / "model", cfg.model)
-    elif start > 0:
-        log(f"resuming at iteration {start}: iterations 0-{start - 1} are done")
-        model = load_checkpoint_model(out / f"iter_{start - 1}" / "model", cfg.model)
-    else:
-        if (out / "config.yaml").exists():  # written only once a start-up succeeded
-            log("resuming iteration 0")
-        model = build_initial_model(cfg.model, tokenizer, cfg.seed)
+    # Whole on every process even under ZeRO-3 (train/deepspeed_support.py); prepare() partitions it.
+    with whole_model_loading():
+        if trained_already:  # crashed during evaluation: θ_{start+1} is on disk already
+            log(f"resuming at iteration {start}'s evaluation: θ_{start + 1} is trained and saved already")
+            model = load_checkpoint_model(out / f"iter_{start}" / "model", cfg.model)
+        elif start > 0:
+            log(f"resuming at iteration {start}: iterations 0-{start - 1} are done")
+            model = load_checkpoint_model(out / f"iter_{start - 1}" / "model", cfg.model)
+        else:
+            if (out / "config.yaml").exists():  # written only once a start-up succeeded
+                log("resuming iteration 0")
+            model = build_initial_model(cfg.model, tokenizer, cfg.seed)
     model.to(accelerator.device)
     autocast = accelerator.autocast
     seq_model = SequenceLogprobs(model)  # scoring and evaluation; shares every parameter with training
@@ -212,12 +227,23 @@ def main(argv=None) -> None:
 
         # ------------------------------------------------------------ a. generate with θ_t
         synthetic = {}
+        engine_model = None
+        if cfg.generation.backend == "vllm" and not trained:  # a separate engine on θ_t's folder
+            engine_model = engine_model_folder(out, t, cfg.model, model, tokenizer, accelerator)
         for split, examples in splits.items():
             if not trained:
-                sampler = make_sampler(model, tokenizer, cfg.generation, stop_ids=stop_ids,
-                                       seed_parts=(cfg.seed, t, split))
+                if engine_model is not None:
+                    sampler = make_engine_sampler(tokenizer, cfg.generation, model=engine_model,
+                                                  dtype=cfg.model.torch_dtype, stop_ids=stop_ids,
+                                                  seed_parts=(cfg.seed, t, split), work_dir=it / "engine",
+                                                  prefix=split, env_extra=engine_env(accelerator))
+                else:
+                    sampler = make_sampler(model, tokenizer, cfg.generation, stop_ids=stop_ids,
+                                           seed_parts=(cfg.seed, t, split))
+                # The engine answers a whole shard per run: a crash loses at most that shard.
+                batch = cfg.generation.shard_size if engine_model is not None else cfg.generation.batch_size
                 run_sharded(examples, sampler, out_dir=it, prefix=f"generated-{split}",
-                            shard_size=cfg.generation.shard_size, batch_size=cfg.generation.batch_size,
+                            shard_size=cfg.generation.shard_size, batch_size=batch,
                             rank=rank, world_size=world, desc=f"iter {t} generate {split}",
                             fault_phase="generate", show_progress=is_main, log=log)
                 accelerator.wait_for_everyone()
@@ -289,12 +315,11 @@ def main(argv=None) -> None:
                                                                 autocast=autocast)
                 grad_norm = accelerator.clip_grad_norm_(
                     wrapped.parameters(), cfg.optim.max_grad_norm if cfg.optim.max_grad_norm else math.inf)
-                if grad_norm is None:  # DeepSpeed clips inside its engine and reports nothing here
-                    grad_norm = torch.zeros(())
-                if hasattr(grad_norm, "full_tensor"):  # FSDP2: the norm of DTensor gradients is a DTensor
-                    grad_norm = grad_norm.full_tensor()
+                grad_norm = grad_norm_tensor(grad_norm)  # DeepSpeed: a float; FSDP2: a DTensor
                 # Every rank takes the same decision (all-reduced), or the processes would diverge;
-                # a skipped step still lets an fp16 loss scaler back off (optim.step_or_skip).
+                # a skipped step still lets an fp16 loss scaler back off (optim.step_or_skip). Under
+                # DeepSpeed its optimizer.step() is a no-op: the engine stepped inside
+                # accelerator.backward (and skipped a non-finite step itself; tests/test_train_zero3.py).
                 skipped = step_or_skip(accelerator, optimizer, loss, grad_norm)
                 progress.nan_streak = progress.nan_streak + 1 if skipped else 0
                 optimizer.zero_grad(set_to_none=True)
@@ -329,9 +354,12 @@ def main(argv=None) -> None:
             # θ_{t+1} to disk (atomic), then the marker that lets a crash in evaluation skip training.
             state_dict = None
             if sharded:
+                # Collective: every process takes part; under DeepSpeed only the main one gets the dict.
                 full = accelerator.get_state_dict(wrapped)
-                state_dict = {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}
-            save_model(model, tokenizer, it / "model", state_dict=state_dict, is_main=is_main)
+                if full is not None:
+                    state_dict = {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}
+            with whole_model_loading():
+                save_model(model, tokenizer, it / "model", state_dict=state_dict, is_main=is_main)
             if is_main:
                 save_iteration_state(it / "state.pt", global_step=global_step, alpha=alpha,
                                      alpha_schedule=alpha_schedule)
@@ -343,7 +371,8 @@ def main(argv=None) -> None:
             if sharded:
                 # The trained parameters are shards spread over the ranks; generation, scoring and
                 # evaluation need whole models, so every rank reloads θ_{t+1} from what was just saved.
-                model = load_checkpoint_model(it / "model", cfg.model).to(accelerator.device)
+                with whole_model_loading():
+                    model = load_checkpoint_model(it / "model", cfg.model).to(accelerator.device)
                 seq_model = SequenceLogprobs(model)
             model.eval()
 
@@ -352,14 +381,17 @@ def main(argv=None) -> None:
         result = run_eval(t, synthetic.get("heldout"), reference.get("heldout"), alpha if uses_alpha else None)
         if uses_alpha:
             result["gap"] = getattr(alpha_schedule, "last_gap", None)
-        if cfg.eval.lm_eval_tasks:
+        if cfg.eval.lm_eval.tasks:  # train/lm_eval_support.py: the saved θ_{t+1}, main process only
             if is_main:
-                result.update(lm_eval_scores(model, tokenizer, cfg.eval.lm_eval_tasks,
-                                             batch_size=cfg.eval.batch_size))
+                result.update(iteration_scores(it, cfg.eval.lm_eval, out_dir=out, device=str(accelerator.device),
+                                               dtype=cfg.model.torch_dtype, seed=cfg.seed,
+                                               trust_remote_code=cfg.model.trust_remote_code))
             accelerator.wait_for_everyone()
         record = {"kind": "eval", "iteration": t, "step": global_step, **({"alpha": alpha} if uses_alpha else {}),
                   **result}
         metrics.log(record)
+        if cfg.eval.lm_eval.tasks and is_main:
+            plot_scores(out, metrics.records("eval"))
         if not legend_shown:
             log(metrics_legend(cfg))
             legend_shown = True

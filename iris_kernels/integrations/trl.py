@@ -128,7 +128,10 @@ class SelfPlayConfig(DPOConfig):
     )
     scope: str = field(default="global", metadata={"help": f"Normalisation scope: one of {SCOPES}."})
     length_normalize: bool = field(default=False, metadata={"help": "Mean instead of summed token log-probs."})
-    loss_options: Optional[Union[Dict[str, Any], str]] = field(
+    # Plain `dict`, not Dict[str, Any]: typing caches Unions regardless of order, so once another module
+    # (deepspeed) has built Union[str, Dict[str, Any], None] this annotation resolves to that order, and
+    # HfArgumentParser's isinstance(None, args[1]) fails on the subscripted Dict.
+    loss_options: Optional[Union[dict, str]] = field(
         default=None, metadata={"help": "Other keyword hyper-parameters of the loss (e.g. variant, mu)."}
     )
     iris_backend: str = field(default="auto", metadata={"help": "Log-prob backend: auto | triton | torch | reference."})
