@@ -32,7 +32,7 @@ from .ops.logprobs_bwd import logprobs_bwd
 from .ops.logprobs_fwd import logprobs_fwd
 from .double_backward import no_double_backward
 from .reference import finalize_logprobs, masked_entropy
-from .tuning import padded_vocab, workspace_rows
+from .tuning import INTERPRETER_TILE, kernel_tiles, padded_vocab, workspace_rows
 from .types import LogprobsParams
 
 
@@ -40,27 +40,17 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-# (BLOCK_N, BLOCK_V, BLOCK_H, num_warps) for the compiled kernels: the largest tiles that ptxas
-# fits in 255 registers without spilling for sm_90 with every feature flag on (the backward also
-# holds the gradient tile and the live-row mask, hence its narrower hidden step);
-# tests/test_kernels_compile.py checks this without a GPU. Not yet timed on hardware.
-GPU_FWD_TILES = (128, 128, 32, 8)
-GPU_BWD_TILES = (64, 128, 16, 8)
-# The workspace kernel holds the fp32 logits tile, its gradient and the store's addresses at once:
-# 128 x 128 tiles spill (ptxas, sm_90, 2026-11-29), 64 x 128 do not (194-242 registers). fp32
-# inputs (no tensor-core bf16 operands, ieee dot) need the narrower hidden step.
-GPU_GRAD_TILES = (64, 128, 64, 8)
-GPU_GRAD_TILES_FP32 = (64, 128, 32, 8)
-# The interpreter's cost grows with programs x loop steps, not FLOPs: few, large tiles.
-INTERPRETER_TILES = (32, 128, 64, 4)
+# Tiles per kernel, dtype and flag set: tuning.TILE_TABLE (with where each came from); the
+# compile evidence for every dispatched case is benchmarks/results/compile/, regenerated and
+# checked by tests/test_kernels_compile.py.
+INTERPRETER_TILES = INTERPRETER_TILE
 
 
-def tile_config(hidden: torch.Tensor, forward: bool, workspace: bool = False):
-    if interpreting() or hidden.device.type != "cuda":
-        return INTERPRETER_TILES
-    if workspace:
-        return GPU_GRAD_TILES_FP32 if hidden.dtype == torch.float32 else GPU_GRAD_TILES
-    return GPU_FWD_TILES if forward else GPU_BWD_TILES
+def tile_config(hidden: torch.Tensor, forward: bool, workspace: bool = False, flags=None):
+    """The tile of one launch: ``kernel_tiles`` for the forward, the workspace dZ kernel or the
+    atomic backward, at ``hidden``'s dtype and the launch's feature ``flags``."""
+    kernel = "fwd" if forward else ("dz" if workspace else "atomic")
+    return kernel_tiles(kernel, hidden.dtype, flags, device_type=hidden.device.type, interpreting=interpreting())
 
 
 # How dWeight += G^T h is accumulated in fp32 on each device type, decided at the first call:
@@ -147,7 +137,9 @@ class TritonLinearLogprobs(torch.autograd.Function):
                 softcap=params.softcap,
                 with_entropy=params.return_entropy,
                 upcast=upcast,
-                tiles=tile_config(hidden, forward=True),
+                tiles=tile_config(hidden, forward=True, flags=dict(
+                    bias=bias is not None, softcap=params.softcap is not None,
+                    entropy=params.return_entropy, count=n_valid is not None)),
                 n_valid=n_valid,
                 with_lse_lo=True,
             )
@@ -170,6 +162,9 @@ class TritonLinearLogprobs(torch.autograd.Function):
         else:
             entropy = torch.empty(0, dtype=torch.float32, device=hidden.device)
         ctx.params = params
+        # Outputs nobody differentiates arrive in backward as None, not as materialised zeros, so
+        # that an unused lse or entropy never switches on its kernel path (HAS_GRAD_LSE, ...).
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(hidden, weight, targets, bias, lse, lse_lo, entropy_rows)
         return logp, lse, entropy
 
@@ -201,6 +196,12 @@ class TritonLinearLogprobs(torch.autograd.Function):
         )
 
 
+def _bwd_flags(bias, params, c_lse, c_ent, n_valid):
+    """The backward kernels' feature flags, named as in tuning.TILE_TABLE."""
+    return dict(bias=bias is not None, softcap=params.softcap is not None, grad_lse=c_lse is not None,
+                grad_entropy=c_ent is not None, count=n_valid is not None)
+
+
 def _gather(x, rows):
     return x if (x is None or rows is None) else x.index_select(0, rows)
 
@@ -220,7 +221,7 @@ def _atomic_backward(hidden, weight, targets, bias, lse, lse_lo, entropy_rows, c
         softcap=params.softcap,
         temperature=params.temperature,
         upcast=interpreting(),
-        tiles=tile_config(hidden, forward=False),
+        tiles=tile_config(hidden, forward=False, flags=_bwd_flags(bias, params, c_lse, c_ent, n_valid)),
         n_valid=n_valid,
         lse_lo=_gather(lse_lo, rows),
     )
@@ -249,7 +250,7 @@ def _workspace_backward(hidden, weight, targets, bias, lse, lse_lo, entropy_rows
     if n_valid is not None:
         live &= torch.arange(M, device=hidden.device) < n_valid
 
-    tiles = tile_config(hidden, forward=False, workspace=True)
+    tiles = tile_config(hidden, forward=False, workspace=True, flags=_bwd_flags(bias, params, c_lse, c_ent, n_valid))
     C = workspace_rows(V, hidden.element_size(), params.workspace_bytes, M, multiple=tiles[0])
     # Allocated once per backward, rows padded to 16 bytes for the tensor-core GEMMs.
     workspace = torch.empty((C, padded_vocab(V)), dtype=hidden.dtype, device=hidden.device)[:, :V]

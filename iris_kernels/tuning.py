@@ -13,7 +13,7 @@ from the same byte budget (iris-kernels issue 8, items 1 and 3).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -80,3 +80,59 @@ def torch_chunk_size(vocab_size: int, device: Optional[torch.device], budget_byt
         return max(16, CPU_CHUNK_ELEMENTS // v)
     budget = auto_choice(device, "workspace_bytes") if budget_bytes is None else budget_bytes
     return max(ROW_MULTIPLE, (budget // (4 * v)) // ROW_MULTIPLE * ROW_MULTIPLE)
+
+
+class Tile(NamedTuple):
+    """One launch configuration of a logits kernel: the [BLOCK_N, BLOCK_V] output tile, the hidden
+    (reduction) step BLOCK_H, warps and software-pipeline stages."""
+
+    block_n: int
+    block_v: int
+    block_h: int
+    num_warps: int
+    num_stages: int = 3
+
+
+# The interpreter's cost grows with programs x loop steps, not FLOPs: few, large tiles.
+INTERPRETER_TILE = Tile(32, 128, 64, 4)
+
+# The compiled kernels' tiles, per kernel ("fwd" forward, "dz" workspace dZ, "atomic" atomic
+# backward), dtype and flag set. The first entry whose kernel and dtype match and whose ``when``
+# flags are all on wins; ``candidates[0]`` is the default, the rest are what an autotuner may
+# try. Every candidate is listed in the compile table (benchmarks/results/compile/), which
+# tests/test_kernels_compile.py regenerates and checks (0 spills, wgmma, pipelined loads).
+TILE_TABLE = (
+    dict(kernel="fwd", dtypes=("bf16", "fp16", "fp32"), when=(),
+         candidates=(Tile(128, 128, 32, 8),),
+         source="issue 8 (2026-11-29): largest tile ptxas fitted without launch hints; no GPU timing"),
+    dict(kernel="dz", dtypes=("bf16", "fp16"), when=(),
+         candidates=(Tile(64, 128, 64, 8),),
+         source="issue 8 (2026-11-29): compiled without launch hints; no GPU timing"),
+    dict(kernel="dz", dtypes=("fp32",), when=(),
+         candidates=(Tile(64, 128, 32, 8),),
+         source="issue 8 (2026-11-29): fp32 ieee dot needs the narrower hidden step"),
+    dict(kernel="atomic", dtypes=("bf16", "fp16", "fp32"), when=(),
+         candidates=(Tile(64, 128, 16, 8),),
+         source="issue 8 (2026-11-29): compiled without launch hints; no GPU timing"),
+)
+
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def tile_entry(kernel: str, dtype, flags: Optional[dict] = None) -> dict:
+    """The TILE_TABLE entry for ``kernel`` at ``dtype`` (torch dtype or "bf16"/"fp16"/"fp32")
+    with the feature ``flags`` (names as in the table's ``when``; missing flags count as off)."""
+    name = _DTYPE_NAMES.get(dtype, dtype)
+    on = {k for k, v in (flags or {}).items() if v}
+    for entry in TILE_TABLE:
+        if entry["kernel"] == kernel and name in entry["dtypes"] and set(entry["when"]) <= on:
+            return entry
+    raise KeyError(f"no tile entry for kernel {kernel!r}, dtype {name!r}")
+
+
+def kernel_tiles(kernel: str, dtype, flags: Optional[dict] = None, *, device_type: str = "cuda",
+                 interpreting: bool = False) -> Tile:
+    """The tile a launch uses: the table's default on CUDA, INTERPRETER_TILE otherwise."""
+    if interpreting or device_type != "cuda":
+        return INTERPRETER_TILE
+    return tile_entry(kernel, dtype, flags)["candidates"][0]

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..tuning import Tile
+
 from .logits_tile import logits_grad_tile, logits_tile
 
 
@@ -115,7 +117,8 @@ def logits_grad(hidden, weight, targets, bias, lse, lse_lo, entropy, grad_logp, 
     """
     rows, H = hidden.shape
     V = weight.shape[0]
-    block_n, block_v, block_h, num_warps = tiles
+    tiles = Tile(*tiles)
+    block_n, block_v, block_h = tiles.block_n, tiles.block_v, tiles.block_h
     dummy = lse
     grid = (triton.cdiv(rows, block_n), triton.cdiv(V, block_v))
     logits_grad_kernel[grid](
@@ -142,5 +145,5 @@ def logits_grad(hidden, weight, targets, bias, lse, lse_lo, entropy, grad_logp, 
         UPCAST=upcast,
         IEEE_DOT=hidden.dtype == torch.float32,
         BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h,
-        num_warps=num_warps,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )

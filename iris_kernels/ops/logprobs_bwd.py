@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..tuning import Tile
+
 from .logits_tile import logits_grad_tile, logits_tile
 
 
@@ -150,7 +152,8 @@ def logprobs_bwd(hidden, weight, targets, bias, lse, entropy, grad_logp, grad_ls
     """
     N, H = hidden.shape
     V = weight.shape[0]
-    block_n, block_v, block_h, num_warps = tiles
+    tiles = Tile(*tiles)
+    block_n, block_v, block_h = tiles.block_n, tiles.block_v, tiles.block_h
     f32 = dict(dtype=torch.float32, device=hidden.device)
     grad_hidden = torch.zeros((N, H), **f32) if need_hidden else None
     grad_weight = torch.zeros((V, H), **f32) if need_weight else None
@@ -184,6 +187,6 @@ def logprobs_bwd(hidden, weight, targets, bias, lse, entropy, grad_logp, grad_ls
         UPCAST=upcast,
         IEEE_DOT=hidden.dtype == torch.float32,
         BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h,
-        num_warps=num_warps,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return grad_hidden, grad_weight, grad_bias

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..tuning import Tile
+
 from ..reference import entropy_from_shifted_sums, split_lse
 from .logits_tile import logits_tile
 
@@ -132,7 +134,7 @@ def merge_partials(part_max, part_sum, part_target, part_tsum, *, with_lse_lo=Fa
 
 
 def logprobs_fwd(hidden, weight, targets, bias, *, inv_temperature, softcap, with_entropy,
-                 upcast, tiles, num_splits=None, with_lse_lo=False, n_valid=None):
+                 upcast, tiles, num_splits=None, with_lse_lo=False, n_valid=None, sm_count=None):
     """hidden [N, H] and weight [V, H] row-contiguous; returns fp32 [N] (lse, target_z, H | None).
 
     H is the per-row entropy of softmax(z) (unmasked: ignored rows are not zeroed here). With
@@ -142,7 +144,8 @@ def logprobs_fwd(hidden, weight, targets, bias, *, inv_temperature, softcap, wit
     """
     N, H = hidden.shape
     V = weight.shape[0]
-    block_n, block_v, block_h, num_warps = tiles
+    tiles = Tile(*tiles)
+    block_n, block_v, block_h = tiles.block_n, tiles.block_v, tiles.block_h
     n_blocks = triton.cdiv(N, block_n)
     v_tiles = triton.cdiv(V, block_v)
     if num_splits is None:
@@ -168,7 +171,7 @@ def logprobs_fwd(hidden, weight, targets, bias, *, inv_temperature, softcap, wit
         UPCAST=upcast,
         IEEE_DOT=hidden.dtype == torch.float32,
         BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h,
-        num_warps=num_warps,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return merge_partials(part_max, part_sum, part_target, part_tsum if with_entropy else None,
                           with_lse_lo=with_lse_lo)
