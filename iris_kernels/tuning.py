@@ -136,3 +136,26 @@ def kernel_tiles(kernel: str, dtype, flags: Optional[dict] = None, *, device_typ
     if interpreting or device_type != "cuda":
         return INTERPRETER_TILE
     return tile_entry(kernel, dtype, flags)["candidates"][0]
+
+
+# The forward's vocabulary splits (ops/logprobs_fwd.py). A row's lse and entropy depend on where
+# the splits begin (each split is one sequential online log-sum-exp), so their count may depend on
+# V, the tile and the device, never on N, the batch, compaction or chunking (batch invariance,
+# issue 16 item 7). Sized so that N = 16384 (128 row blocks of 128) fills an H200's 132 SMs with
+# >= 8 waves of one CTA each: S = ceil(8 x 132 / 128) = 9 (1152 programs, 8.7 waves, the last 73 %
+# full), and no split shorter than FWD_MIN_TILES_PER_SPLIT vocabulary tiles.
+FWD_WAVES = 8
+FWD_REFERENCE_ROW_BLOCKS = 128
+FWD_MIN_TILES_PER_SPLIT = 4
+# Without a CUDA device (the interpreter): two splits wherever there are two vocabulary tiles, so
+# that the tests go through the combine of partial results.
+INTERPRETER_SPLITS = 2
+
+
+def vocab_splits(v_tiles: int, sm_count: Optional[int]) -> int:
+    """Vocabulary splits of the forward for ``v_tiles`` tiles on a device with ``sm_count`` SMs
+    (None: no CUDA device)."""
+    if sm_count is None:
+        return max(1, min(INTERPRETER_SPLITS, v_tiles))
+    want = -(-FWD_WAVES * sm_count // FWD_REFERENCE_ROW_BLOCKS)
+    return max(1, min(want, v_tiles // FWD_MIN_TILES_PER_SPLIT))
