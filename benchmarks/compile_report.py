@@ -88,25 +88,33 @@ FLAGS = {
 }
 
 
-def all_cases(kernels=("fwd", "dz", "atomic"), dtypes=DTYPES, heads=tuple(HEADS)):
-    """(kernel, dtype, head, flags) for every flag combination.
+def all_cases(kernels=("fwd", "dz", "atomic"), dtypes=DTYPES, heads=tuple(HEADS), *, full_atomic=False,
+              candidates=True):
+    """(kernel, dtype, head, flags, tile) cases; tile None = the dispatcher's (tuning.kernel_tiles).
 
-    fp32 inputs (ieee dot, no tensor cores) are listed for the forward and the dZ kernel with all
-    flags off and all on only: they are a correctness path, not a speed path.
+    The forward and the dZ kernel (the default backward) at bf16 and fp16: every flag combination.
+    fp32 inputs (ieee dot, no tensor cores; a correctness path) and the atomic backward (not the
+    default; every combination with ``full_atomic``): all flags off and all on. With
+    ``candidates``: each non-default candidate of tuning.TILE_TABLE at bf16, all flags off and on.
     """
+    from iris_kernels import tuning
+
     out = []
     for kernel in kernels:
         names = FLAGS[kernel]
+        corners = [(False,) * len(names), (True,) * len(names)]
         for dtype in dtypes:
             if dtype == "fp32" and kernel == "atomic":
                 continue
-            combos = itertools.product((False, True), repeat=len(names))
-            if dtype == "fp32":
-                combos = [(False,) * len(names), (True,) * len(names)]
+            full = dtype != "fp32" and (kernel != "atomic" or full_atomic)
+            combos = itertools.product((False, True), repeat=len(names)) if full else corners
             for combo in combos:
-                flags = dict(zip(names, combo))
                 for head in heads:
-                    out.append((kernel, dtype, head, flags))
+                    out.append((kernel, dtype, head, dict(zip(names, combo)), None))
+        if candidates and "bf16" in dtypes:
+            for tile in tuning.tile_entry(kernel, "bf16")["candidates"][1:]:
+                for combo in corners:
+                    out.append((kernel, "bf16", heads[0], dict(zip(names, combo)), tuple(tile)))
     return out
 
 
@@ -119,8 +127,8 @@ class _Captured(Exception):
     pass
 
 
-def capture_launch(kernel_name, dtype, head, flags):
-    """Run the op's launch wrapper on meta tensors; return (jit_fn, args, kwargs, grid)."""
+def capture_launch(kernel_name, dtype, head, flags, tile=None):
+    """Run the op's launch wrapper on meta tensors; return (jit_fn, args, kwargs, grid, tiles)."""
     import torch
 
     from iris_kernels import tuning
@@ -150,7 +158,7 @@ def capture_launch(kernel_name, dtype, head, flags):
     jit_fn.run = fake_run
     try:
         if kernel_name == "fwd":
-            tiles = tuning.kernel_tiles("fwd", dt, flags, device_type="cuda")
+            tiles = tuning.Tile(*tile) if tile else tuning.kernel_tiles("fwd", dt, flags, device_type="cuda")
             fwd_mod.logprobs_fwd(hidden, weight, targets, bias, inv_temperature=1.0, softcap=softcap,
                                  with_entropy=flags["entropy"], upcast=False, tiles=tiles, with_lse_lo=True,
                                  n_valid=n_valid, sm_count=132)
@@ -160,7 +168,7 @@ def capture_launch(kernel_name, dtype, head, flags):
             grad_ent = vec if flags["grad_entropy"] else None
             entropy = vec if flags["grad_entropy"] else None
             if kernel_name == "dz":
-                tiles = tuning.kernel_tiles("dz", dt, flags, device_type="cuda")
+                tiles = tuning.Tile(*tile) if tile else tuning.kernel_tiles("dz", dt, flags, device_type="cuda")
                 rows = tuning.workspace_rows(V, hidden.element_size(), 1 << 30, N, multiple=tiles.block_n)
                 workspace = torch.empty((rows, tuning.padded_vocab(V)), dtype=dt, **meta)[:, :V]
                 grad_bias = torch.empty((V,), **f32) if bias is not None else None
@@ -171,7 +179,7 @@ def capture_launch(kernel_name, dtype, head, flags):
                                      row0=0, n_valid=n_valid, inv_temperature=1.0, softcap=softcap,
                                      temperature=1.0, upcast=False, tiles=tiles)
             else:
-                tiles = tuning.kernel_tiles("atomic", dt, flags, device_type="cuda")
+                tiles = tuning.Tile(*tile) if tile else tuning.kernel_tiles("atomic", dt, flags, device_type="cuda")
                 bwd_mod.logprobs_bwd(hidden, weight, targets, bias, vec, entropy, vec, grad_lse, grad_ent,
                                      need_hidden=True, need_weight=True, need_bias=bias is not None,
                                      inv_temperature=1.0, softcap=softcap, temperature=1.0, upcast=False,
@@ -192,7 +200,7 @@ def _bundled_tool(name):
 
 def compile_case(case):
     """Compile one case as launched; return its table row (a dict)."""
-    kernel_name, dtype, head, flags = case
+    kernel_name, dtype, head, flags, tile = case
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
     from triton.compiler.compiler import compile as triton_compile
@@ -202,7 +210,7 @@ def compile_case(case):
 
     target = GPUTarget("cuda", 90, 32)
     backend = make_backend(target)
-    jit_fn, args, kwargs, grid, tiles = capture_launch(kernel_name, dtype, head, flags)
+    jit_fn, args, kwargs, grid, tiles = capture_launch(kernel_name, dtype, head, flags, tile)
     binder = create_function_from_signature(jit_fn.signature, jit_fn.params, backend)
     kwargs = dict(kwargs)
     bound, specialization, options = binder(*args, **kwargs)
@@ -228,11 +236,14 @@ def compile_case(case):
     ptxas_version = re.search(r"release (\d+\.\d+)", subprocess.run(
         [_bundled_tool("ptxas"), "--version"], capture_output=True, text=True).stdout).group(1)
     return dict(
-        kernel=kernel_name, dtype=dtype, head=head, flags=flag_string(flags),
+        kernel=kernel_name, role="candidate" if tile else "default", dtype=dtype, head=head,
+        flags=flag_string(flags),
         tile=f"{tiles.block_n}x{tiles.block_v}x{tiles.block_h}", warps=nw,
         stages=compiled.metadata.num_stages, regs=regs, spill_bytes=spill_st + spill_ld, smem=smem,
         ctas_per_sm=ctas_per_sm(regs, smem, nw),
-        wgmma="wgmma.mma_async" in ptx, hgmma_sass="HGMMA" in sass, mma_sync="mma.sync" in ptx,
+        wgmma="wgmma.mma_async" in ptx, hgmma_sass="HGMMA" in sass,
+        # The warpgroup MMA shapes issued (the instruction mix a roofline credits).
+        wgmma_shapes=sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", ptx))), mma_sync="mma.sync" in ptx,
         cp_async=bool(re.search(r"cp\.async\.c[ag]", ptx)), tma="cp.async.bulk.tensor" in ptx,
         grid=list(grid) if isinstance(grid, (tuple, list)) else str(grid),
         attrs=sorted(str(k[0]) for k, v in attrs.items() if v),
@@ -245,8 +256,8 @@ def _spec_key(case):
 
     Both heads have N, H, V and every stride divisible by 16, so they differ only in the grid.
     """
-    kernel_name, dtype, head, flags = case
-    return (kernel_name, dtype, tuple(sorted(flags.items())))
+    kernel_name, dtype, head, flags, tile = case
+    return (kernel_name, dtype, tuple(sorted(flags.items())), tile)
 
 
 def run_cases(cases, jobs=None):
@@ -272,8 +283,8 @@ def run_cases(cases, jobs=None):
     return out
 
 
-COLUMNS = ("kernel", "dtype", "flags", "head", "tile", "warps", "stages", "regs", "spill_bytes", "smem",
-           "ctas_per_sm", "wgmma", "hgmma_sass", "mma_sync", "cp_async", "tma", "grid")
+COLUMNS = ("kernel", "role", "dtype", "flags", "head", "tile", "warps", "stages", "regs", "spill_bytes", "smem",
+           "ctas_per_sm", "wgmma", "wgmma_shapes", "hgmma_sass", "mma_sync", "cp_async", "tma", "grid")
 
 
 def format_table(rows) -> str:
@@ -281,7 +292,7 @@ def format_table(rows) -> str:
         if isinstance(v, bool):
             return "yes" if v else "no"
         if isinstance(v, list):
-            return "x".join(map(str, v))
+            return "x".join(map(str, v)) if all(isinstance(x, int) for x in v) else " ".join(v) or "-"
         return str(v)
 
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
@@ -296,12 +307,15 @@ def main(argv=None):
     ap.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     ap.add_argument("--heads", nargs="+", default=list(HEADS), choices=list(HEADS))
     ap.add_argument("--jobs", type=int, default=None)
+    ap.add_argument("--full-atomic", action="store_true", help="every flag set of the atomic backward too")
+    ap.add_argument("--no-candidates", action="store_true", help="only the dispatched tiles")
     ap.add_argument("--json", help="write the rows as JSON here")
     ap.add_argument("--write", help="folder: write compile_sm90a.md and .json there (the committed record)")
     args = ap.parse_args(argv)
     import triton
 
-    rows = run_cases(all_cases(args.kernels, args.dtypes, args.heads), jobs=args.jobs)
+    rows = run_cases(all_cases(args.kernels, args.dtypes, tuple(args.heads), full_atomic=args.full_atomic,
+                               candidates=not args.no_candidates), jobs=args.jobs)
     table = format_table(rows)
     print(table)
     if args.json:

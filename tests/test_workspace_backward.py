@@ -146,7 +146,9 @@ def test_compaction_gives_the_same_result_as_none():
     base, gb = _run(hidden, weight, targets, None, bwd="workspace", compact=False, up_lp=up)
     for compact in ("device", "host"):
         out, gc = _run(hidden, weight, targets, None, bwd="workspace", compact=compact, up_lp=up)
-        torch.testing.assert_close(out, base, rtol=0, atol=1e-6)
+        # A few ulp: the interpreter's np.matmul rounds a row differently at another position in
+        # its block (tests/test_batch_invariance.py); a GPU's MMA does not.
+        torch.testing.assert_close(out, base, rtol=1e-6, atol=1e-6)
         for a, b in zip(gc[:2], gb[:2]):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
