@@ -243,7 +243,8 @@ def compile_case(case):
         ctas_per_sm=ctas_per_sm(regs, smem, nw),
         wgmma="wgmma.mma_async" in ptx, hgmma_sass="HGMMA" in sass,
         # The warpgroup MMA shapes issued (the instruction mix a roofline credits).
-        wgmma_shapes=sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", ptx))), mma_sync="mma.sync" in ptx,
+        wgmma_shapes=sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", ptx))),
+        mma_sync="mma.sync" in ptx,
         cp_async=bool(re.search(r"cp\.async\.c[ag]", ptx)), tma="cp.async.bulk.tensor" in ptx,
         grid=list(grid) if isinstance(grid, (tuple, list)) else str(grid),
         attrs=sorted(str(k[0]) for k, v in attrs.items() if v),
@@ -301,6 +302,27 @@ def format_table(rows) -> str:
     return "\n".join(lines)
 
 
+def summarize(rows) -> str:
+    """One line per (kernel, role, dtype, tile, stages): register range, worst spills, smem, CTAs/SM."""
+    groups = {}
+    for r in rows:
+        key = (r["kernel"], r.get("role", "default"), r["dtype"], r["tile"], r["warps"], r["stages"])
+        groups.setdefault(key, []).append(r)
+    lines = ["| kernel | role | dtype | tile | warps | stages | cases | regs | max spill B | smem B | CTAs/SM "
+             "| wgmma shapes | cp.async |", "|" + "---|" * 13]
+    for (kernel, role, dtype, tile, warps, stages), rs in groups.items():
+        regs = sorted(r["regs"] for r in rs)
+        ctas = sorted({r["ctas_per_sm"] for r in rs})
+        shapes = sorted({x for r in rs for x in r.get("wgmma_shapes", [])}) or (["?"] if any(
+            r["wgmma"] for r in rs) else ["-"])
+        lines.append(f"| {kernel} | {role} | {dtype} | {tile} | {warps} | {stages} | {len(rs)} | "
+                     f"{regs[0]}-{regs[-1]} | {max(r['spill_bytes'] for r in rs)} | "
+                     f"{'/'.join(str(x) for x in sorted({r['smem'] for r in rs}))} | "
+                     f"{'-'.join(str(c) for c in (ctas[0], ctas[-1])) if len(ctas) > 1 else ctas[0]} | "
+                     f"{' '.join(shapes)} | {'yes' if all(r['cp_async'] for r in rs) else 'no'} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--kernels", nargs="+", default=["fwd", "dz", "atomic"], choices=["fwd", "dz", "atomic"])
@@ -310,8 +332,12 @@ def main(argv=None):
     ap.add_argument("--full-atomic", action="store_true", help="every flag set of the atomic backward too")
     ap.add_argument("--no-candidates", action="store_true", help="only the dispatched tiles")
     ap.add_argument("--json", help="write the rows as JSON here")
+    ap.add_argument("--summarize", metavar="JSON", help="only print the summary of a rows JSON (no compile)")
     ap.add_argument("--write", help="folder: write compile_sm90a.md and .json there (the committed record)")
     args = ap.parse_args(argv)
+    if args.summarize:
+        print(summarize(json.loads(Path(args.summarize).read_text())))
+        return None
     import triton
 
     rows = run_cases(all_cases(args.kernels, args.dtypes, tuple(args.heads), full_atomic=args.full_atomic,
@@ -330,7 +356,8 @@ def main(argv=None):
                 "regs = registers per thread, smem = dynamic shared memory in bytes, ctas_per_sm from "
                 "registers and shared memory at H100/H200 limits (65536 registers, 228 KiB). "
                 "wgmma/mma_sync/cp_async/tma: found in the PTX; hgmma_sass: HGMMA in the SASS.\n\n")
-        (folder / "compile_sm90a.md").write_text(head + table + "\n")
+        (folder / "compile_sm90a.md").write_text(head + "## Summary\n\n" + summarize(rows) + "\n\n## Every case\n\n"
+                                                 + table + "\n")
         (folder / "compile_sm90a.json").write_text(json.dumps(rows, indent=1) + "\n")
     return rows
 

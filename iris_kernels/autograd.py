@@ -32,7 +32,8 @@ from .ops.logprobs_bwd import logprobs_bwd
 from .ops.logprobs_fwd import logprobs_fwd
 from .double_backward import no_double_backward
 from .reference import finalize_logprobs, masked_entropy
-from .tuning import INTERPRETER_TILE, kernel_tiles, padded_vocab, workspace_rows
+from .tuning import (INTERPRETER_TILE, kernel_tiles, padded_vocab, vocab_slice_columns, workspace_layout,
+                     workspace_rows)
 from .types import LogprobsParams
 
 
@@ -251,6 +252,9 @@ def _workspace_backward(hidden, weight, targets, bias, lse, lse_lo, entropy_rows
         live &= torch.arange(M, device=hidden.device) < n_valid
 
     tiles = tile_config(hidden, forward=False, workspace=True, flags=_bwd_flags(bias, params, c_lse, c_ent, n_valid))
+    if M > 0 and workspace_layout(M, V, H, hidden.element_size(), params.workspace_bytes, tiles.block_n) == "vocab":
+        return _vocab_sliced_backward(hidden, weight, bias, rows, n_valid, M, t_run, lse_run, lse_lo_run, ent,
+                                      c_lp, c_lse, c_ent, live, need_h, need_w, need_b, params, tiles)
     C = workspace_rows(V, hidden.element_size(), params.workspace_bytes, M, multiple=tiles[0])
     # Allocated once per backward, rows padded to 16 bytes for the tensor-core GEMMs.
     workspace = torch.empty((C, padded_vocab(V)), dtype=hidden.dtype, device=hidden.device)[:, :V]
@@ -292,4 +296,64 @@ def _workspace_backward(hidden, weight, targets, bias, lse, lse_lo, entropy_rows
             # Dead rows add nothing even with a NaN hidden state (0 * NaN is NaN in a GEMM).
             _accumulate_wgrad(grad_w, g, torch.where(live[sl, None], h, 0.0))
         del h
+    return grad_h, grad_w, grad_b
+
+
+def _vocab_sliced_backward(hidden, weight, bias, rows, n_valid, M, t_run, lse_run, lse_lo_run, ent,
+                           c_lp, c_lse, c_ent, live, need_h, need_w, need_b, params, tiles):
+    """The workspace backward by vocabulary slices (verl's split; issue 16 item 4).
+
+    Per slice s of Vc columns: dZ[:, s] for all M processed rows (the same dZ kernel, given
+    W[s], b[s] and the targets shifted by the slice's start: d(loss)/dz needs only the row's full
+    lse, so a slice is as good as the whole row), then
+        dW[s] = dZ[:, s]^T h      one product with K = M rows, fp32 accumulation inside the GEMM,
+                                  written once in the weight's dtype (no fp32 [V, H] buffer, no
+                                  zero-fill, no final cast);
+        dH   += dZ[:, s] W[s]     into an fp32 [M, H] accumulator.
+    ``tuning.workspace_layout`` picks this layout where its fp32 accumulator traffic is smaller.
+    """
+    N, H = hidden.shape
+    V = weight.shape[0]
+    upcast = interpreting()
+    h_run = hidden if rows is None else hidden.index_select(0, rows)
+    # Dead rows add nothing to dW even with a NaN hidden state (0 * NaN is NaN in a GEMM).
+    h_live = torch.where(live[:, None], h_run, 0.0) if need_w else None
+    Vc = vocab_slice_columns(M, V, hidden.element_size(), params.workspace_bytes, multiple=tiles.block_v)
+    workspace = torch.empty((M, Vc), dtype=hidden.dtype, device=hidden.device)
+    # As in _workspace_backward: the interpreter's fp32 -> bf16 store truncates, so it writes fp32
+    # and torch rounds (RTNE), as the GPU's cvt.rn does in the kernel.
+    staging = None
+    if upcast and hidden.dtype != torch.float32:
+        staging = torch.empty((M, Vc), dtype=torch.float32, device=hidden.device)
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    dh_acc = torch.zeros((M, H), **f32) if need_h else None
+    grad_w = torch.empty_like(weight) if need_w else None
+    grad_b = torch.zeros((V,), **f32) if need_b else None
+    for v0 in range(0, V, Vc):
+        v1 = min(v0 + Vc, V)
+        w_s = weight[v0:v1]
+        g = workspace[:, : v1 - v0]
+        logits_grad(
+            h_run, w_s, t_run - v0, None if bias is None else bias[v0:v1], lse_run, lse_lo_run, ent,
+            c_lp, c_lse, c_ent, g if staging is None else staging[:, : v1 - v0],
+            None if grad_b is None else grad_b[v0:v1],
+            row0=0, n_valid=n_valid,
+            inv_temperature=1.0 / params.temperature,
+            softcap=params.softcap,
+            temperature=params.temperature,
+            upcast=upcast,
+            tiles=tiles,
+        )
+        if staging is not None:
+            g.copy_(staging[:, : v1 - v0])
+        if grad_w is not None:
+            if upcast or hidden.device.type != "cuda":
+                grad_w[v0:v1] = torch.mm(g.t().float(), h_live.float())  # fp32 sum, one rounding
+            else:
+                torch.mm(g.t(), h_live, out=grad_w[v0:v1])  # cuBLAS: fp32 accumulation, one rounding
+        if dh_acc is not None:
+            _accumulate_wgrad(dh_acc, g.t(), w_s)  # dH += g W[s]: (g^T)^T W[s], fp32 accumulator
+    grad_h = None
+    if dh_acc is not None:
+        grad_h = dh_acc if rows is None else torch.zeros((N, H), **f32).index_copy_(0, rows, dh_acc)
     return grad_h, grad_w, grad_b

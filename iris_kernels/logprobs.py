@@ -295,6 +295,16 @@ def shift_labels(labels: torch.Tensor, ignore_index: int, cu_seqlens: Optional[t
     return shifted[:total]
 
 
+def host_scored_count(targets: torch.Tensor, ignore_index: int) -> Optional[int]:
+    """The number of scored positions (targets != ignore_index) when ``targets`` lives on the CPU,
+    else None: counting device labels would read the device back (a sync), so device callers keep
+    the kernels' device-resident count. With the count on the host the compacted launches shrink
+    to the scored rows, the two cuBLAS products of the workspace backward included."""
+    if targets.device.type != "cpu":
+        return None
+    return int((targets != ignore_index).sum())
+
+
 def packed_sums(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
     """Per-sequence sums [B] of a packed [total] tensor; device ops only, no host sync.
 
@@ -350,8 +360,8 @@ def sequence_logprobs(
         validate: also check that cu_seqlens starts at 0, never decreases and stays within the
             packed length, and that labels lie in [0, V) (synchronises; off by default).
         num_valid: the caller's host count of scored positions after the shift (non-ignored
-            targets), as in ``linear_logprobs``. Never counted here: labels on a device would
-            have to be read back (a sync), and labels on the host mean hidden is there too.
+            targets), as in ``linear_logprobs``. Counted here when the labels are on the CPU
+            (``host_scored_count``); never for device labels (that would be a sync).
         Other arguments as in ``linear_logprobs``.
 
     Returns:
@@ -393,6 +403,8 @@ def sequence_logprobs(
             check_cu_seqlens(cu_seqlens, labels.shape[0])
     labels = labels.long()  # exact comparison with ignore_index whatever the labels' dtype
     targets = shift_labels(labels, ignore_index, cu_seqlens) if shift else labels
+    if num_valid is None:
+        num_valid = host_scored_count(targets, ignore_index)
     token_logp = linear_logprobs(
         hidden, weight, targets, bias=bias, temperature=temperature, softcap=softcap,
         ignore_index=ignore_index, backend=backend, validate=validate,

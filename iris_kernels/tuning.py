@@ -180,3 +180,37 @@ def vocab_splits(v_tiles: int, sm_count: Optional[int]) -> int:
         return max(1, min(INTERPRETER_SPLITS, v_tiles))
     want = -(-FWD_WAVES * sm_count // FWD_REFERENCE_ROW_BLOCKS)
     return max(1, min(want, v_tiles // FWD_MIN_TILES_PER_SPLIT))
+
+
+def vocab_slice_columns(n_rows: int, vocab_size: int, itemsize: int, budget_bytes: int,
+                        multiple: int = 128) -> int:
+    """Columns Vc of the vocabulary-sliced workspace [rows, Vc]: as many as the budget allows, a
+    multiple of ``multiple`` (16-byte rows for the GEMMs), at least one multiple, at most V."""
+    vc = max(multiple, (budget_bytes // (max(n_rows, 1) * itemsize)) // multiple * multiple)
+    return min(vc, -(-vocab_size // multiple) * multiple)
+
+
+def workspace_layout(n_rows: int, vocab_size: int, hidden_size: int, itemsize: int, budget_bytes: int,
+                     row_multiple: int = ROW_MULTIPLE) -> str:
+    """"rows" (row chunks, fp32 [V, H] weight-gradient accumulator) or "vocab" (vocabulary slices,
+    fp32 [N, H] hidden-gradient accumulator): whichever moves fewer bytes beyond what both do.
+
+    Both write and read the same dZ bytes (N V itemsize) and run the same three products. What
+    differs is the fp32 accumulator, zero-filled once, read and written once per chunk/slice
+    after the first, and cast once at the end (read 4 B, write itemsize B):
+        rows:  A = V H, chunks k_r = ceil(N / C)   extra = A (4 + 8 (k_r - 1) + 4 + itemsize)
+        vocab: A = N H, slices k_v = ceil(V / Vc)  extra = A (4 + 8 (k_v - 1) + 4 + itemsize)
+    (the first chunk's product writes the accumulator without reading it, but the zero-fill is
+    counted instead). k_r and k_v are both about N V itemsize / budget, so this is mostly V vs N:
+    Qwen2.5-3B at N 16384 (V 151936, H 2048, bf16, 1 GiB): rows 1.25 GB x (5 chunks) -> 12.5 GB,
+    vocab 134 MB x (5 slices) -> 1.3 GB; "vocab". A short batch of a small vocabulary
+    (N > V) keeps "rows".
+    """
+    c = workspace_rows(vocab_size, itemsize, budget_bytes, n_rows, multiple=row_multiple)
+    k_r = -(-max(n_rows, 1) // c)
+    vc = vocab_slice_columns(n_rows, vocab_size, itemsize, budget_bytes)
+    k_v = -(-vocab_size // vc)
+    per_elem = lambda k: 4 + 8 * (k - 1) + 4 + itemsize  # noqa: E731
+    rows_bytes = vocab_size * hidden_size * per_elem(k_r)
+    vocab_bytes = n_rows * hidden_size * per_elem(k_v)
+    return "vocab" if vocab_bytes < rows_bytes else "rows"

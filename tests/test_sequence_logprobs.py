@@ -124,3 +124,39 @@ def test_triton_vocabulary_splits_merge_exactly(num_splits, with_entropy):
         torch.testing.assert_close(entropy.double(), want, atol=1e-5, rtol=1e-5)
     else:
         assert entropy is None
+
+
+def test_host_labels_give_the_kernels_a_host_count(monkeypatch):
+    """Issue 16, item 5: labels on the CPU -> sequence_logprobs passes num_valid (counted there,
+    no sync), so the compacted launches and the backward's products cover only the scored rows;
+    the result equals the device-count path's."""
+    import iris_kernels.logprobs as L
+
+    seen = []
+    real = L.linear_logprobs
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("num_valid"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(L, "linear_logprobs", spy)
+    g = torch.Generator().manual_seed(3)
+    B, T, H_, V_ = 3, 11, 24, 163
+    hidden = torch.randn(B, T, H_, generator=g)
+    weight = torch.randn(V_, H_, generator=g) / H_ ** 0.5
+    labels = torch.randint(0, V_, (B, T), generator=g)
+    labels[:, :4] = -100
+    labels[2, 8:] = -100
+    want_count = int((labels[:, 1:] != -100).sum())
+    h1 = hidden.clone().requires_grad_()
+    s = sequence_logprobs(h1, weight, labels, backend="triton", compact=True)
+    assert seen == [want_count]
+    s.sum().backward()
+    # The same call with the count withheld (the device-count path).
+    h2 = hidden.clone().requires_grad_()
+    monkeypatch.setattr(L, "host_scored_count", lambda *a: None)
+    s2 = sequence_logprobs(h2, weight, labels, backend="triton", compact=True)
+    assert seen[-1] is None
+    s2.sum().backward()
+    torch.testing.assert_close(s, s2, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-5, atol=1e-6)

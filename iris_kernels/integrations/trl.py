@@ -66,7 +66,7 @@ import torch
 from accelerate.utils import is_peft_model
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..logprobs import sequence_logprobs
+from ..logprobs import host_scored_count, sequence_logprobs, shift_labels
 from ..module import SelfPlayLoss
 from ..schedules import GapAdaptiveAlpha, make_schedule
 
@@ -247,6 +247,9 @@ def install_iris_head(model, *, length_normalize: bool, backend: str) -> None:
         head = model.get_output_embeddings()
         weight, bias = head.weight, head.bias
         hidden = hidden.to(weight.device)  # a model split over devices may end the body elsewhere
+        # Labels still on the host: count the scored positions there (no sync), so that the
+        # kernels launch, and the backward's products run, over the scored rows only.
+        num_valid = host_scored_count(shift_labels(iris_labels.long(), IGNORE_INDEX), IGNORE_INDEX)
         labels = iris_labels.to(weight.device)
         # ZeRO-3 keeps the head partitioned outside its own module's forward; gather it for the
         # op (a null context otherwise). DTensor (FSDP2) weights are the op's own business.
@@ -256,7 +259,7 @@ def install_iris_head(model, *, length_normalize: bool, backend: str) -> None:
                 bias = None if bias is None else bias.to(hidden.dtype)
             return sequence_logprobs(
                 hidden, weight, labels, shift=True, ignore_index=IGNORE_INDEX, bias=bias, softcap=softcap,
-                length_normalize=length_normalize, backend=backend,
+                length_normalize=length_normalize, backend=backend, num_valid=num_valid,
             )
 
     model.forward = forward
