@@ -323,6 +323,25 @@ def summarize(rows) -> str:
     return "\n".join(lines)
 
 
+def write_record(rows, folder: Path, shown_as: str) -> None:
+    """compile_sm90a.md (summary + every case) and compile_sm90a.json in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    head = (f"# Compile evidence, sm_90a, N = {N_TOKENS}, as launched\n\n"
+            f"Triton {rows[0]['triton']}, bundled ptxas {rows[0]['ptxas']}; "
+            f"written by `python benchmarks/compile_report.py --write {shown_as}` "
+            "(no GPU needed; see the script's docstring for how each case is compiled). "
+            "regs = registers per thread, smem = dynamic shared memory in bytes, ctas_per_sm from "
+            "registers and shared memory at H100/H200 limits (65536 registers, 228 KiB). "
+            "wgmma/mma_sync/cp_async/tma: found in the PTX; wgmma_shapes: the warpgroup MMA "
+            "instructions issued; hgmma_sass: HGMMA in the SASS. role: default = what the "
+            "dispatcher launches (tuning.TILE_TABLE), candidate = an alternative an autotuner may "
+            "try. grid: programs of the 1-D grouped launch (forward: row blocks x vocabulary "
+            "splits at 132 SMs; dZ: the first workspace chunk).\n\n")
+    (folder / "compile_sm90a.md").write_text(head + "## Summary\n\n" + summarize(rows) + "\n\n## Every case\n\n"
+                                             + format_table(rows) + "\n")
+    (folder / "compile_sm90a.json").write_text(json.dumps(rows, indent=1) + "\n")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--kernels", nargs="+", default=["fwd", "dz", "atomic"], choices=["fwd", "dz", "atomic"])
@@ -347,18 +366,7 @@ def main(argv=None):
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     if args.write:
-        folder = Path(args.write)
-        folder.mkdir(parents=True, exist_ok=True)
-        head = (f"# Compile evidence, sm_90a, N = {N_TOKENS}, as launched\n\n"
-                f"Triton {triton.__version__}, bundled ptxas {rows[0]['ptxas'] if rows else '?'}; "
-                f"written by `python benchmarks/compile_report.py --write {args.write}` "
-                "(no GPU needed; see the script's docstring for how each case is compiled). "
-                "regs = registers per thread, smem = dynamic shared memory in bytes, ctas_per_sm from "
-                "registers and shared memory at H100/H200 limits (65536 registers, 228 KiB). "
-                "wgmma/mma_sync/cp_async/tma: found in the PTX; hgmma_sass: HGMMA in the SASS.\n\n")
-        (folder / "compile_sm90a.md").write_text(head + "## Summary\n\n" + summarize(rows) + "\n\n## Every case\n\n"
-                                                 + table + "\n")
-        (folder / "compile_sm90a.json").write_text(json.dumps(rows, indent=1) + "\n")
+        write_record(rows, Path(args.write), args.write)
     return rows
 
 
