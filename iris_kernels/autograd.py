@@ -11,6 +11,9 @@ Backward, two variants (``LogprobsParams.bwd``):
       input dtype, into a [C, V] workspace allocated once per backward; then two cuBLAS products,
       dHidden[chunk] = G W and dWeight += G^T h[chunk], the latter accumulated across chunks in
       fp32 (see ``_accumulate_wgrad`` for how), and dBias as fp32 column sums in the kernel.
+      Where it moves fewer bytes (``tuning.workspace_layout``: mostly N < V), the workspace is
+      cut by vocabulary slices instead (``_vocab_sliced_backward``): dW[slice] is written once
+      in the weight's dtype and dH is accumulated in fp32 [N, H] (issue 16, item 4).
   "atomic": one launch of the recompute-and-accumulate kernel (ops/logprobs_bwd.py) that adds
       partial products into fp32 dHidden / dWeight with relaxed atomics.
 
