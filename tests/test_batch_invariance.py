@@ -142,3 +142,16 @@ def test_cuda_split_count_depends_on_v_and_device_only(monkeypatch, V_):
     assert grid_16k == 128 * splits
     if V_ >= 32000:
         assert grid_16k >= 8 * 132
+
+
+def test_forward_tile_does_not_depend_on_compaction():
+    """Compaction (the device count) must not pick another forward tile: the split boundaries and
+    each split's tile order would change a row's lse."""
+    import itertools
+
+    from iris_kernels.tuning import kernel_tiles
+
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for bias, softcap, entropy in itertools.product((False, True), repeat=3):
+            flags = dict(bias=bias, softcap=softcap, entropy=entropy)
+            assert kernel_tiles("fwd", dtype, {**flags, "count": True}) == kernel_tiles("fwd", dtype, flags)

@@ -22,7 +22,6 @@ import triton
 import triton.language as tl
 
 from ..tuning import Tile
-
 from .launch_order import GROUP_ROWS, grouped_program
 from .logits_tile import logits_grad_tile, logits_tile
 

@@ -1,9 +1,9 @@
 """Forward kernel: vocabulary-tiled online log-sum-exp plus the target logit, per token.
 
 Grid: one dimension of (token block, vocabulary split) pairs in the grouped order of
-ops/launch_order.py (a wave shares few token blocks: their hidden rows stay in L2). Each program walks its share of the vocabulary in
-BLOCK_V tiles, keeping a running max m and sum s = sum exp(z - m) per row (the online
-log-sum-exp), the target's logit when the target falls in its share, and, for the entropy,
+ops/launch_order.py (a wave shares few token blocks: their hidden rows stay in L2). Each program
+walks its share of the vocabulary in BLOCK_V tiles, keeping a running max m and sum
+s = sum exp(z - m) per row (the online log-sum-exp), the target's logit when the target falls in its share, and, for the entropy,
 t = sum exp(z - m) * (z - m), a sum over logits shifted by the same running max. The splits'
 partial statistics (a few floats per token) are merged by ``merge_partials`` into lse and the
 entropy H = log S - T / S (S, T merged at a common shift), which never subtracts two numbers of
@@ -20,9 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..tuning import Tile, vocab_splits
-
 from ..reference import entropy_from_shifted_sums, split_lse
+from ..tuning import Tile, vocab_splits
 from .launch_order import GROUP_ROWS, grouped_program
 from .logits_tile import logits_tile
 
