@@ -339,7 +339,12 @@ def write_record(rows, folder: Path, shown_as: str) -> None:
             "splits at 132 SMs; dZ: the first workspace chunk).\n\n")
     (folder / "compile_sm90a.md").write_text(head + "## Summary\n\n" + summarize(rows) + "\n\n## Every case\n\n"
                                              + format_table(rows) + "\n")
-    (folder / "compile_sm90a.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (folder / "compile_sm90a.json").write_text(rows_json(rows))
+
+
+def rows_json(rows) -> str:
+    """A JSON list, one case per line (reviewable diffs)."""
+    return "[\n" + ",\n".join(json.dumps(r) for r in rows) + "\n]\n"
 
 
 def main(argv=None):
@@ -364,7 +369,7 @@ def main(argv=None):
     table = format_table(rows)
     print(table)
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        Path(args.json).write_text(rows_json(rows))
     if args.write:
         write_record(rows, Path(args.write), args.write)
     return rows

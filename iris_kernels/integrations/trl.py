@@ -249,7 +249,9 @@ def install_iris_head(model, *, length_normalize: bool, backend: str) -> None:
         hidden = hidden.to(weight.device)  # a model split over devices may end the body elsewhere
         # Labels still on the host: count the scored positions there (no sync), so that the
         # kernels launch, and the backward's products run, over the scored rows only.
-        num_valid = host_scored_count(shift_labels(iris_labels.long(), IGNORE_INDEX), IGNORE_INDEX)
+        num_valid = None
+        if iris_labels.device.type == "cpu":
+            num_valid = host_scored_count(shift_labels(iris_labels.long(), IGNORE_INDEX), IGNORE_INDEX)
         labels = iris_labels.to(weight.device)
         # ZeRO-3 keeps the head partitioned outside its own module's forward; gather it for the
         # op (a null context otherwise). DTensor (FSDP2) weights are the op's own business.
