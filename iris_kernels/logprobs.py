@@ -300,7 +300,8 @@ def host_scored_count(targets: torch.Tensor, ignore_index: int) -> Optional[int]
     else None: counting device labels would read the device back (a sync), so device callers keep
     the kernels' device-resident count. With the count on the host the compacted launches shrink
     to the scored rows, the two cuBLAS products of the workspace backward included."""
-    if targets.device.type != "cpu":
+    if targets.device.type != "cpu" or torch.compiler.is_compiling():
+        # Under torch.compile the count would be a data-dependent scalar (a graph break).
         return None
     return int((targets != ignore_index).sum())
 
