@@ -126,20 +126,12 @@ def test_triton_vocabulary_splits_merge_exactly(num_splits, with_entropy):
         assert entropy is None
 
 
-def test_host_labels_give_the_kernels_a_host_count(monkeypatch):
-    """Issue 16, item 5: labels on the CPU -> sequence_logprobs passes num_valid (counted there,
-    no sync), so the compacted launches and the backward's products cover only the scored rows;
-    the result equals the device-count path's."""
-    import iris_kernels.logprobs as L
+def test_host_count_equals_the_device_count_path():
+    """Issue 16, item 5: the host count of scored positions after the shift (what a caller holding
+    CPU labels passes as num_valid) gives the same values and gradients as the device count, and
+    None for labels already on a device."""
+    from iris_kernels.logprobs import host_scored_count, shift_labels
 
-    seen = []
-    real = L.linear_logprobs
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs.get("num_valid"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(L, "linear_logprobs", spy)
     g = torch.Generator().manual_seed(3)
     B, T, H_, V_ = 3, 11, 24, 163
     hidden = torch.randn(B, T, H_, generator=g)
@@ -147,16 +139,14 @@ def test_host_labels_give_the_kernels_a_host_count(monkeypatch):
     labels = torch.randint(0, V_, (B, T), generator=g)
     labels[:, :4] = -100
     labels[2, 8:] = -100
-    want_count = int((labels[:, 1:] != -100).sum())
-    h1 = hidden.clone().requires_grad_()
-    s = sequence_logprobs(h1, weight, labels, backend="triton", compact=True)
-    assert seen == [want_count]
-    s.sum().backward()
-    # The same call with the count withheld (the device-count path).
-    h2 = hidden.clone().requires_grad_()
-    monkeypatch.setattr(L, "host_scored_count", lambda *a: None)
-    s2 = sequence_logprobs(h2, weight, labels, backend="triton", compact=True)
-    assert seen[-1] is None
-    s2.sum().backward()
-    torch.testing.assert_close(s, s2, rtol=1e-6, atol=1e-5)
-    torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-5, atol=1e-6)
+    count = host_scored_count(shift_labels(labels, -100), -100)
+    assert count == int((labels[:, 1:] != -100).sum())
+    assert host_scored_count(labels.to("meta"), -100) is None
+    res = []
+    for num_valid in (count, None):
+        h = hidden.clone().requires_grad_()
+        s = sequence_logprobs(h, weight, labels, backend="triton", compact=True, num_valid=num_valid, validate=True)
+        s.sum().backward()
+        res.append((s, h.grad))
+    torch.testing.assert_close(res[0][0], res[1][0], rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(res[0][1], res[1][1], rtol=1e-5, atol=1e-6)

@@ -223,6 +223,14 @@ def _softcap(config) -> Optional[float]:
     return None if cap is None else float(cap)
 
 
+def host_num_valid(labels: torch.Tensor, device: torch.device) -> Optional[int]:
+    """Scored positions after the shift, counted on the host when the labels are still there and
+    the op runs on another device (no sync); None otherwise (the kernels count on the device)."""
+    if labels.device.type != "cpu" or torch.device(device).type == "cpu":
+        return None
+    return host_scored_count(shift_labels(labels.long(), IGNORE_INDEX), IGNORE_INDEX)
+
+
 def install_iris_head(model, *, length_normalize: bool, backend: str) -> None:
     """Wrap ``model.forward`` so that ``model(..., iris_labels=labels)`` returns per-sequence
     log-probs fp32 [B] (``sequence_logprobs`` of the body's final hidden states and the lm_head
@@ -249,9 +257,7 @@ def install_iris_head(model, *, length_normalize: bool, backend: str) -> None:
         hidden = hidden.to(weight.device)  # a model split over devices may end the body elsewhere
         # Labels still on the host: count the scored positions there (no sync), so that the
         # kernels launch, and the backward's products run, over the scored rows only.
-        num_valid = None
-        if iris_labels.device.type == "cpu":
-            num_valid = host_scored_count(shift_labels(iris_labels.long(), IGNORE_INDEX), IGNORE_INDEX)
+        num_valid = host_num_valid(iris_labels, weight.device)
         labels = iris_labels.to(weight.device)
         # ZeRO-3 keeps the head partitioned outside its own module's forward; gather it for the
         # op (a null context otherwise). DTensor (FSDP2) weights are the op's own business.
