@@ -73,3 +73,25 @@ def test_unused_outputs_do_not_switch_on_their_kernel_paths(monkeypatch, bwd, us
     ref.backward()
     torch.testing.assert_close(h.grad.double(), hd.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(w.grad.double(), wd.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_custom_op_path_passes_none_for_unused_outputs(monkeypatch):
+    """The torch.library op (what torch.compile traces) keeps the same promise: its backward op
+    receives None for the lse and entropy gradients nobody asked for."""
+    import iris_kernels.custom_ops as C
+    from iris_kernels.types import LogprobsParams
+
+    seen = []
+    real = C._backward_op
+
+    def spy(hidden, weight, targets, bias, lse, extras, grad_logp, grad_lse, grad_entropy, *rest):
+        seen.append((grad_lse is None, grad_entropy is None))
+        return real(hidden, weight, targets, bias, lse, extras, grad_logp, grad_lse, grad_entropy, *rest)
+
+    monkeypatch.setattr(C, "_backward_op", spy)
+    hidden, weight, targets = _inputs()
+    h = hidden.clone().requires_grad_()
+    params = LogprobsParams(return_entropy=True)
+    logp, lse, ent = C.linear_logprobs_op("triton", h, weight, targets, None, params)
+    logp.sum().backward()
+    assert seen == [(True, True)]
