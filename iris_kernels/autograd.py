@@ -13,6 +13,9 @@ Backward, two variants (``LogprobsParams.bwd``):
       input dtype, into a [C, V] workspace allocated once per backward; then two cuBLAS products,
       dHidden[chunk] = G W and dWeight += G^T h[chunk], the latter accumulated across chunks in
       fp32 (see ``_accumulate_wgrad`` for how), and dBias as fp32 column sums in the kernel.
+      Where it moves fewer bytes (``tuning.workspace_layout``: mostly N < V), the workspace is
+      cut by vocabulary slices instead (``_vocab_sliced_backward``): dW[slice] is written once
+      in the weight's dtype and dH is accumulated in fp32 [N, H] (issue 16, item 4).
   "atomic": one launch of the recompute-and-accumulate kernel (ops/logprobs_bwd.py) that adds
       partial products into fp32 dHidden / dWeight with relaxed atomics.
 
@@ -36,7 +39,8 @@ from .ops.logprobs_fwd import logprobs_fwd
 from .ops.logprobs_split import GPU_ROW_TILES, INTERPRETER_ROW_TILES, logprobs_split_fwd
 from .double_backward import no_double_backward
 from .reference import finalize_logprobs, masked_entropy
-from .tuning import padded_vocab, workspace_rows
+from .tuning import (INTERPRETER_TILE, kernel_tiles, padded_vocab, vocab_slice_columns, workspace_layout,
+                     workspace_rows)
 from .types import LogprobsParams
 
 
@@ -44,27 +48,17 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-# (BLOCK_N, BLOCK_V, BLOCK_H, num_warps) for the compiled kernels: the largest tiles that ptxas
-# fits in 255 registers without spilling for sm_90 with every feature flag on (the backward also
-# holds the gradient tile and the live-row mask, hence its narrower hidden step);
-# tests/test_kernels_compile.py checks this without a GPU. Not yet timed on hardware.
-GPU_FWD_TILES = (128, 128, 32, 8)
-GPU_BWD_TILES = (64, 128, 16, 8)
-# The workspace kernel holds the fp32 logits tile, its gradient and the store's addresses at once:
-# 128 x 128 tiles spill (ptxas, sm_90, 2026-11-29), 64 x 128 do not (194-242 registers). fp32
-# inputs (no tensor-core bf16 operands, ieee dot) need the narrower hidden step.
-GPU_GRAD_TILES = (64, 128, 64, 8)
-GPU_GRAD_TILES_FP32 = (64, 128, 32, 8)
-# The interpreter's cost grows with programs x loop steps, not FLOPs: few, large tiles.
-INTERPRETER_TILES = (32, 128, 64, 4)
+# Tiles per kernel, dtype and flag set: tuning.TILE_TABLE (with where each came from); the
+# compile evidence for every dispatched case is benchmarks/results/compile/, regenerated and
+# checked by tests/test_kernels_compile.py.
+INTERPRETER_TILES = INTERPRETER_TILE
 
 
-def tile_config(hidden: torch.Tensor, forward: bool, workspace: bool = False):
-    if interpreting() or hidden.device.type != "cuda":
-        return INTERPRETER_TILES
-    if workspace:
-        return GPU_GRAD_TILES_FP32 if hidden.dtype == torch.float32 else GPU_GRAD_TILES
-    return GPU_FWD_TILES if forward else GPU_BWD_TILES
+def tile_config(hidden: torch.Tensor, forward: bool, workspace: bool = False, flags=None):
+    """The tile of one launch: ``kernel_tiles`` for the forward, the workspace dZ kernel or the
+    atomic backward, at ``hidden``'s dtype and the launch's feature ``flags``."""
+    kernel = "fwd" if forward else ("dz" if workspace else "atomic")
+    return kernel_tiles(kernel, hidden.dtype, flags, device_type=hidden.device.type, interpreting=interpreting())
 
 
 # How dWeight += G^T h is accumulated in fp32 on each device type, decided at the first call:
@@ -154,7 +148,9 @@ class TritonLinearLogprobs(torch.autograd.Function):
                 softcap=params.softcap,
                 with_entropy=params.return_entropy,
                 upcast=upcast,
-                tiles=tile_config(hidden, forward=True),
+                tiles=tile_config(hidden, forward=True, flags=dict(
+                    bias=bias is not None, softcap=params.softcap is not None,
+                    entropy=params.return_entropy, count=n_valid is not None)),
                 n_valid=n_valid,
                 with_lse_lo=True,
             )
@@ -177,6 +173,9 @@ class TritonLinearLogprobs(torch.autograd.Function):
         else:
             entropy = torch.empty(0, dtype=torch.float32, device=hidden.device)
         ctx.params = params
+        # Outputs nobody differentiates arrive in backward as None, not as materialised zeros, so
+        # that an unused lse or entropy never switches on its kernel path (HAS_GRAD_LSE, ...).
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(hidden, weight, targets, bias, lse, lse_lo, entropy_rows)
         return logp, lse, entropy
 
@@ -218,6 +217,12 @@ def _split_forward(h_run, weight, t_run, bias, params, n_valid, upcast):
                               chunk_bytes=params.workspace_bytes, tiles=tiles, n_valid=n_valid)
 
 
+def _bwd_flags(bias, params, c_lse, c_ent, n_valid):
+    """The backward kernels' feature flags, named as in tuning.TILE_TABLE."""
+    return dict(bias=bias is not None, softcap=params.softcap is not None, grad_lse=c_lse is not None,
+                grad_entropy=c_ent is not None, count=n_valid is not None)
+
+
 def _gather(x, rows):
     return x if (x is None or rows is None) else x.index_select(0, rows)
 
@@ -237,7 +242,7 @@ def _atomic_backward(hidden, weight, targets, bias, lse, lse_lo, entropy_rows, c
         softcap=params.softcap,
         temperature=params.temperature,
         upcast=interpreting(),
-        tiles=tile_config(hidden, forward=False),
+        tiles=tile_config(hidden, forward=False, flags=_bwd_flags(bias, params, c_lse, c_ent, n_valid)),
         n_valid=n_valid,
         lse_lo=_gather(lse_lo, rows),
     )
@@ -266,7 +271,10 @@ def _workspace_backward(hidden, weight, targets, bias, lse, lse_lo, entropy_rows
     if n_valid is not None:
         live &= torch.arange(M, device=hidden.device) < n_valid
 
-    tiles = tile_config(hidden, forward=False, workspace=True)
+    tiles = tile_config(hidden, forward=False, workspace=True, flags=_bwd_flags(bias, params, c_lse, c_ent, n_valid))
+    if M > 0 and workspace_layout(M, V, H, hidden.element_size(), params.workspace_bytes, tiles.block_n) == "vocab":
+        return _vocab_sliced_backward(hidden, weight, bias, rows, n_valid, M, t_run, lse_run, lse_lo_run, ent,
+                                      c_lp, c_lse, c_ent, live, need_h, need_w, need_b, params, tiles)
     C = workspace_rows(V, hidden.element_size(), params.workspace_bytes, M, multiple=tiles[0])
     # Allocated once per backward, rows padded to 16 bytes for the tensor-core GEMMs.
     workspace = torch.empty((C, padded_vocab(V)), dtype=hidden.dtype, device=hidden.device)[:, :V]
@@ -308,4 +316,64 @@ def _workspace_backward(hidden, weight, targets, bias, lse, lse_lo, entropy_rows
             # Dead rows add nothing even with a NaN hidden state (0 * NaN is NaN in a GEMM).
             _accumulate_wgrad(grad_w, g, torch.where(live[sl, None], h, 0.0))
         del h
+    return grad_h, grad_w, grad_b
+
+
+def _vocab_sliced_backward(hidden, weight, bias, rows, n_valid, M, t_run, lse_run, lse_lo_run, ent,
+                           c_lp, c_lse, c_ent, live, need_h, need_w, need_b, params, tiles):
+    """The workspace backward by vocabulary slices (verl's split; issue 16 item 4).
+
+    Per slice s of Vc columns: dZ[:, s] for all M processed rows (the same dZ kernel, given
+    W[s], b[s] and the targets shifted by the slice's start: d(loss)/dz needs only the row's full
+    lse, so a slice is as good as the whole row), then
+        dW[s] = dZ[:, s]^T h      one product with K = M rows, fp32 accumulation inside the GEMM,
+                                  written once in the weight's dtype (no fp32 [V, H] buffer, no
+                                  zero-fill, no final cast);
+        dH   += dZ[:, s] W[s]     into an fp32 [M, H] accumulator.
+    ``tuning.workspace_layout`` picks this layout where its fp32 accumulator traffic is smaller.
+    """
+    N, H = hidden.shape
+    V = weight.shape[0]
+    upcast = interpreting()
+    h_run = hidden if rows is None else hidden.index_select(0, rows)
+    # Dead rows add nothing to dW even with a NaN hidden state (0 * NaN is NaN in a GEMM).
+    h_live = torch.where(live[:, None], h_run, 0.0) if need_w else None
+    Vc = vocab_slice_columns(M, V, hidden.element_size(), params.workspace_bytes, multiple=tiles.block_v)
+    workspace = torch.empty((M, Vc), dtype=hidden.dtype, device=hidden.device)
+    # As in _workspace_backward: the interpreter's fp32 -> bf16 store truncates, so it writes fp32
+    # and torch rounds (RTNE), as the GPU's cvt.rn does in the kernel.
+    staging = None
+    if upcast and hidden.dtype != torch.float32:
+        staging = torch.empty((M, Vc), dtype=torch.float32, device=hidden.device)
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    dh_acc = torch.zeros((M, H), **f32) if need_h else None
+    grad_w = torch.empty_like(weight) if need_w else None
+    grad_b = torch.zeros((V,), **f32) if need_b else None
+    for v0 in range(0, V, Vc):
+        v1 = min(v0 + Vc, V)
+        w_s = weight[v0:v1]
+        g = workspace[:, : v1 - v0]
+        logits_grad(
+            h_run, w_s, t_run - v0, None if bias is None else bias[v0:v1], lse_run, lse_lo_run, ent,
+            c_lp, c_lse, c_ent, g if staging is None else staging[:, : v1 - v0],
+            None if grad_b is None else grad_b[v0:v1],
+            row0=0, n_valid=n_valid,
+            inv_temperature=1.0 / params.temperature,
+            softcap=params.softcap,
+            temperature=params.temperature,
+            upcast=upcast,
+            tiles=tiles,
+        )
+        if staging is not None:
+            g.copy_(staging[:, : v1 - v0])
+        if grad_w is not None:
+            if upcast or hidden.device.type != "cuda":
+                grad_w[v0:v1] = torch.mm(g.t().float(), h_live.float())  # fp32 sum, one rounding
+            else:
+                torch.mm(g.t(), h_live, out=grad_w[v0:v1])  # cuBLAS: fp32 accumulation, one rounding
+        if dh_acc is not None:
+            _accumulate_wgrad(dh_acc, g.t(), w_s)  # dH += g W[s]: (g^T)^T W[s], fp32 accumulator
+    grad_h = None
+    if dh_acc is not None:
+        grad_h = dh_acc if rows is None else torch.zeros((N, H), **f32).index_copy_(0, rows, dh_acc)
     return grad_h, grad_w, grad_b

@@ -160,6 +160,9 @@ def _(hidden, weight, targets, bias, lse, extras, grad_logp, grad_lse, grad_entr
 
 
 def _setup_context(ctx, inputs, output):
+    # As in the Functions: an output nobody differentiates arrives as None, not as zeros that would
+    # switch on its kernel path (issue 16, item 8); the backward op takes Optional gradients.
+    ctx.set_materialize_grads(False)
     hidden, weight, targets, bias, backend = inputs[:5]
     ctx.backend, ctx.scalars, ctx.has_bias = backend, inputs[5:], bias is not None
     _, lse, _, extras = output

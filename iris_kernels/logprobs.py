@@ -337,6 +337,19 @@ def shift_labels(labels: torch.Tensor, ignore_index: int, cu_seqlens: Optional[t
     return shifted[:total]
 
 
+def host_scored_count(targets: torch.Tensor, ignore_index: int) -> Optional[int]:
+    """The number of scored positions (targets != ignore_index) when ``targets`` lives on the CPU,
+    else None: counting device labels would read the device back (a sync), so device callers keep
+    the kernels' device-resident count. Meant for callers that hold the labels on the host while
+    the op runs on a GPU (the TRL head before it moves its labels): given as ``num_valid``, the
+    count shrinks the compacted launches to the scored rows, the two cuBLAS products of the
+    workspace backward included."""
+    if targets.device.type != "cpu" or torch.compiler.is_compiling():
+        # Under torch.compile the count would be a data-dependent scalar (a graph break).
+        return None
+    return int((targets != ignore_index).sum())
+
+
 def packed_sums(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
     """Per-sequence sums [B] of a packed [total] tensor; device ops only, no host sync.
 
@@ -393,8 +406,10 @@ def sequence_logprobs(
         validate: also check that cu_seqlens starts at 0, never decreases and stays within the
             packed length, and that labels lie in [0, V) (synchronises; off by default).
         num_valid: the caller's host count of scored positions after the shift (non-ignored
-            targets), as in ``linear_logprobs``. Never counted here: labels on a device would
-            have to be read back (a sync), and labels on the host mean hidden is there too.
+            targets), as in ``linear_logprobs``. Never counted here (labels and hidden share a
+            device, so a count would read the device back); a caller that still holds the labels
+            on the host gets it without a sync as
+            ``host_scored_count(shift_labels(labels_cpu, ignore_index), ignore_index)``.
         Other arguments as in ``linear_logprobs``.
 
     Returns:

@@ -539,3 +539,14 @@ def test_trl_chunked_provider_matches_the_library(monkeypatch):
 
     monkeypatch.setattr(P, "_installed", lambda module: module != "trl")
     assert "not installed" in prov.skip_reason(torch.device("cpu"), torch.float32, "selfplay")
+
+
+def test_host_labels_give_a_host_count_without_a_sync():
+    """Issue 16, item 5: the TRL head counts scored positions (after the shift) on the host when
+    its labels are still there and the op runs on another device; never for device labels."""
+    from iris_kernels.integrations.trl import host_num_valid
+
+    labels = torch.tensor([[-100, -100, 5, 7, -100], [-100, 3, 4, 9, 2]])
+    assert host_num_valid(labels, torch.device("cuda")) == 6  # labels[:, 1:]: 2 + 4 scored
+    assert host_num_valid(labels, torch.device("cpu")) is None  # nothing to save: no device
+    assert host_num_valid(labels.to("meta"), torch.device("cuda")) is None

@@ -124,3 +124,29 @@ def test_triton_vocabulary_splits_merge_exactly(num_splits, with_entropy):
         torch.testing.assert_close(entropy.double(), want, atol=1e-5, rtol=1e-5)
     else:
         assert entropy is None
+
+
+def test_host_count_equals_the_device_count_path():
+    """Issue 16, item 5: the host count of scored positions after the shift (what a caller holding
+    CPU labels passes as num_valid) gives the same values and gradients as the device count, and
+    None for labels already on a device."""
+    from iris_kernels.logprobs import host_scored_count, shift_labels
+
+    g = torch.Generator().manual_seed(3)
+    B, T, H_, V_ = 3, 11, 24, 163
+    hidden = torch.randn(B, T, H_, generator=g)
+    weight = torch.randn(V_, H_, generator=g) / H_ ** 0.5
+    labels = torch.randint(0, V_, (B, T), generator=g)
+    labels[:, :4] = -100
+    labels[2, 8:] = -100
+    count = host_scored_count(shift_labels(labels, -100), -100)
+    assert count == int((labels[:, 1:] != -100).sum())
+    assert host_scored_count(labels.to("meta"), -100) is None
+    res = []
+    for num_valid in (count, None):
+        h = hidden.clone().requires_grad_()
+        s = sequence_logprobs(h, weight, labels, backend="triton", compact=True, num_valid=num_valid, validate=True)
+        s.sum().backward()
+        res.append((s, h.grad))
+    torch.testing.assert_close(res[0][0], res[1][0], rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(res[0][1], res[1][1], rtol=1e-5, atol=1e-6)

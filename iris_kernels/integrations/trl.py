@@ -66,7 +66,7 @@ import torch
 from accelerate.utils import is_peft_model
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..logprobs import sequence_logprobs
+from ..logprobs import host_scored_count, sequence_logprobs, shift_labels
 from ..module import SelfPlayLoss
 from ..schedules import GapAdaptiveAlpha, make_schedule
 from .adapters import head_weight
@@ -232,6 +232,14 @@ def _softcap(config) -> Optional[float]:
     return None if cap is None else float(cap)
 
 
+def host_num_valid(labels: torch.Tensor, device: torch.device) -> Optional[int]:
+    """Scored positions after the shift, counted on the host when the labels are still there and
+    the op runs on another device (no sync); None otherwise (the kernels count on the device)."""
+    if labels.device.type != "cpu" or torch.device(device).type == "cpu":
+        return None
+    return host_scored_count(shift_labels(labels.long(), IGNORE_INDEX), IGNORE_INDEX)
+
+
 def install_iris_head(model, *, length_normalize: bool, backend: str) -> None:
     """Wrap ``model.forward`` so that ``model(..., iris_labels=labels)`` returns per-sequence
     log-probs fp32 [B] (``sequence_logprobs`` of the body's final hidden states and the lm_head
@@ -256,6 +264,9 @@ def install_iris_head(model, *, length_normalize: bool, backend: str) -> None:
         head = model.get_output_embeddings()
         weight, bias = head.weight, head.bias
         hidden = hidden.to(weight.device)  # a model split over devices may end the body elsewhere
+        # Labels still on the host: count the scored positions there (no sync), so that the
+        # kernels launch, and the backward's products run, over the scored rows only.
+        num_valid = host_num_valid(iris_labels, weight.device)
         labels = iris_labels.to(weight.device)
         # ZeRO-3 keeps the head partitioned outside its own module's forward; gather it for the
         # op (a null context otherwise). DTensor (FSDP2) weights are the op's own business.
@@ -267,7 +278,7 @@ def install_iris_head(model, *, length_normalize: bool, backend: str) -> None:
                 bias = None if bias is None else bias.to(hidden.dtype)
             return sequence_logprobs(
                 hidden, weight, labels, shift=True, ignore_index=IGNORE_INDEX, bias=bias, softcap=softcap,
-                length_normalize=length_normalize, backend=backend,
+                length_normalize=length_normalize, backend=backend, num_valid=num_valid,
             )
 
     model.forward = forward

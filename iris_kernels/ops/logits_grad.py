@@ -1,6 +1,7 @@
 """Workspace-backward kernel: recompute one chunk's logits and write d(loss)/d(raw logits) once.
 
-Grid = (row blocks of the chunk, vocabulary tiles). One program owns one [BLOCK_N, BLOCK_V] tile:
+Grid: (row block of the chunk, vocabulary tile) pairs on one dimension, in the grouped
+(L2-aware) order of ops/launch_order.py. One program owns one [BLOCK_N, BLOCK_V] tile:
 it recomputes z (the third of the four matrix products, tensor-core ``tl.dot`` with fp32
 accumulation, bias / soft-cap / temperature as in the forward), forms the gradient with every
 chain factor in fp32, and stores it once, in the input dtype, into the chunk's [C, V] workspace.
@@ -21,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..tuning import Tile
+from .launch_order import GROUP_ROWS, grouped_program
 from .logits_tile import logits_grad_tile, logits_tile
 
 
@@ -61,9 +64,9 @@ def logits_grad_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    GROUP: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
+    pid_n, pid_v = grouped_program(tl.program_id(0), tl.cdiv(rows, BLOCK_N), tl.cdiv(V, BLOCK_V), GROUP)
     # int64 offsets: row * stride exceeds 2^31 for C*V or V*H beyond 2 Gi elements.
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     offs_v = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
@@ -115,9 +118,11 @@ def logits_grad(hidden, weight, targets, bias, lse, lse_lo, entropy, grad_logp, 
     """
     rows, H = hidden.shape
     V = weight.shape[0]
-    block_n, block_v, block_h, num_warps = tiles
+    tiles = Tile(*tiles)
+    block_n, block_v, block_h = tiles.block_n, tiles.block_v, tiles.block_h
     dummy = lse
-    grid = (triton.cdiv(rows, block_n), triton.cdiv(V, block_v))
+    # 1-D grid in the grouped (L2-aware) order of ops/launch_order.py.
+    grid = (triton.cdiv(rows, block_n) * triton.cdiv(V, block_v),)
     logits_grad_kernel[grid](
         hidden, weight, bias if bias is not None else hidden, targets, lse,
         lse_lo if lse_lo is not None else dummy,
@@ -141,6 +146,6 @@ def logits_grad(hidden, weight, targets, bias, lse, lse_lo, entropy, grad_logp, 
         NEED_GRAD_BIAS=grad_bias is not None,
         UPCAST=upcast,
         IEEE_DOT=hidden.dtype == torch.float32,
-        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h,
-        num_warps=num_warps,
+        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, GROUP=GROUP_ROWS,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )

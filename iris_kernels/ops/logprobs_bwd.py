@@ -1,7 +1,8 @@
 """Backward kernel: recompute each logits tile, form its gradient from the saved lse, and
 accumulate the hidden, weight and bias gradients.
 
-Grid = (token blocks, vocabulary tiles): one program owns one [BLOCK_N, BLOCK_V] tile of the
+Grid: (token block, vocabulary tile) pairs on one dimension, in the grouped (L2-aware)
+order of ops/launch_order.py; one program owns one [BLOCK_N, BLOCK_V] tile of the
 logits. It recomputes z (the third of the four matrix products), turns it into the gradient of
 the loss w.r.t. the raw logits r = h W^T + b, then walks the hidden dimension doing
     dh[n, :] += g @ W[v, :]      (fourth product, atomically summed over vocabulary tiles)
@@ -20,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..tuning import Tile
+from .launch_order import GROUP_ROWS, grouped_program
 from .logits_tile import logits_grad_tile, logits_tile
 
 
@@ -61,9 +64,9 @@ def logprobs_bwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    GROUP: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
+    pid_n, pid_v = grouped_program(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(V, BLOCK_V), GROUP)
     # int64 offsets: row * stride exceeds 2^31 for N*H or V*H beyond 2 Gi elements.
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     offs_v = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
@@ -150,13 +153,15 @@ def logprobs_bwd(hidden, weight, targets, bias, lse, entropy, grad_logp, grad_ls
     """
     N, H = hidden.shape
     V = weight.shape[0]
-    block_n, block_v, block_h, num_warps = tiles
+    tiles = Tile(*tiles)
+    block_n, block_v, block_h = tiles.block_n, tiles.block_v, tiles.block_h
     f32 = dict(dtype=torch.float32, device=hidden.device)
     grad_hidden = torch.zeros((N, H), **f32) if need_hidden else None
     grad_weight = torch.zeros((V, H), **f32) if need_weight else None
     grad_bias = torch.zeros((V,), **f32) if need_bias else None
     dummy = lse
-    grid = (triton.cdiv(N, block_n), triton.cdiv(V, block_v))
+    # 1-D grid in the grouped (L2-aware) order of ops/launch_order.py.
+    grid = (triton.cdiv(N, block_n) * triton.cdiv(V, block_v),)
     logprobs_bwd_kernel[grid](
         hidden, weight, bias if bias is not None else hidden, targets, lse,
         lse_lo if lse_lo is not None else dummy,
@@ -183,7 +188,7 @@ def logprobs_bwd(hidden, weight, targets, bias, lse, entropy, grad_logp, grad_ls
         HAS_COUNT=n_valid is not None,
         UPCAST=upcast,
         IEEE_DOT=hidden.dtype == torch.float32,
-        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h,
-        num_warps=num_warps,
+        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, GROUP=GROUP_ROWS,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return grad_hidden, grad_weight, grad_bias

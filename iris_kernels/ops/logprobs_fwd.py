@@ -1,8 +1,9 @@
 """Forward kernel: vocabulary-tiled online log-sum-exp plus the target logit, per token.
 
-Grid = (token blocks, vocabulary splits). Each program walks its share of the vocabulary in
-BLOCK_V tiles, keeping a running max m and sum s = sum exp(z - m) per row (the online
-log-sum-exp), the target's logit when the target falls in its share, and, for the entropy,
+Grid: one dimension of (token block, vocabulary split) pairs in the grouped order of
+ops/launch_order.py (a wave shares few token blocks: their hidden rows stay in L2). Each program
+walks its share of the vocabulary in BLOCK_V tiles, keeping a running max m and sum
+s = sum exp(z - m) per row (the online log-sum-exp), the target's logit when the target falls in its share, and, for the entropy,
 t = sum exp(z - m) * (z - m), a sum over logits shifted by the same running max. The splits'
 partial statistics (a few floats per token) are merged by ``merge_partials`` into lse and the
 entropy H = log S - T / S (S, T merged at a common shift), which never subtracts two numbers of
@@ -20,6 +21,8 @@ import triton
 import triton.language as tl
 
 from ..reference import entropy_from_shifted_sums, split_lse
+from ..tuning import Tile, vocab_splits
+from .launch_order import GROUP_ROWS, grouped_program
 from .logits_tile import logits_tile
 
 
@@ -51,9 +54,9 @@ def logprobs_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    GROUP: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    pid_n, pid_s = grouped_program(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(V, v_per_split), GROUP)
     # int64 offsets: row * stride exceeds 2^31 for N*H or V*H beyond 2 Gi elements.
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     n_mask = offs_n < N
@@ -114,39 +117,58 @@ def merge_partials(part_max, part_sum, part_target, part_tsum, *, with_lse_lo=Fa
     (the online update above, applied once per split); entropy H = log S - T / S.
     Returns (lse, target_z, H | None), plus lse_lo (``split_lse``) when ``with_lse_lo``.
     """
-    top = part_max.max(dim=0).values
+    top = part_max.max(dim=0).values  # a max is exact in any order
     # A row whose logits are all -inf has top = -inf; shift by 0 there (lse = log 0 = -inf).
     top = torch.where(torch.isneginf(top), torch.zeros_like(top), top)
     delta = part_max - top
     scale = torch.exp(delta)
-    total = (part_sum * scale).sum(0)
+    total = ordered_sum(part_sum * scale)
     lse, lse_lo = split_lse(top, torch.log(total))
-    target_z = part_target.sum(0)
+    target_z = ordered_sum(part_target)
     entropy = None
     if part_tsum is not None:
         # A split that saw only -inf logits has s = t = 0 and delta = -inf: it adds 0, not NaN.
         moved = torch.where(part_sum > 0, delta * part_sum, torch.zeros_like(part_sum))
-        tsum = ((part_tsum + moved) * scale).sum(0)
+        tsum = ordered_sum((part_tsum + moved) * scale)
         entropy = entropy_from_shifted_sums(total, tsum)
     return (lse, target_z, entropy, lse_lo) if with_lse_lo else (lse, target_z, entropy)
 
 
+def ordered_sum(parts: torch.Tensor) -> torch.Tensor:
+    """Sum over dim 0 ([S, N] -> [N]) as s = 0, 1, ..., S-1, one element-wise add per split.
+
+    A reduction kernel may pick its summation tree from the shape (on CUDA, how many rows share a
+    block depends on N), so ``.sum(0)`` could make a row's lse depend on the batch size. S is a
+    handful (``vocab_splits``), so S - 1 element-wise adds cost nothing next to the logits.
+    """
+    total = parts[0]
+    for s in range(1, parts.shape[0]):
+        total = total + parts[s]
+    return total
+
+
 def logprobs_fwd(hidden, weight, targets, bias, *, inv_temperature, softcap, with_entropy,
-                 upcast, tiles, num_splits=None, with_lse_lo=False, n_valid=None):
+                 upcast, tiles, num_splits=None, with_lse_lo=False, n_valid=None, sm_count=None):
     """hidden [N, H] and weight [V, H] row-contiguous; returns fp32 [N] (lse, target_z, H | None).
 
     H is the per-row entropy of softmax(z) (unmasked: ignored rows are not zeroed here). With
     ``with_lse_lo`` also returns lse_lo, the rounding error of the fp32 lse (``split_lse``).
     ``n_valid``: optional int64 [1] device tensor; row blocks starting at or past it are skipped
-    and their statistics are unspecified.
+    and their statistics are unspecified. ``num_splits``: vocabulary splits (default
+    ``tuning.vocab_splits``: from V, the tile and the device's SM count, never from N, so that a
+    row's results do not depend on the batch; ``sm_count`` overrides the device's).
     """
     N, H = hidden.shape
     V = weight.shape[0]
-    block_n, block_v, block_h, num_warps = tiles
+    tiles = Tile(*tiles)
+    block_n, block_v, block_h = tiles.block_n, tiles.block_v, tiles.block_h
     n_blocks = triton.cdiv(N, block_n)
     v_tiles = triton.cdiv(V, block_v)
     if num_splits is None:
-        num_splits = default_splits(n_blocks, v_tiles, hidden.device)
+        if sm_count is None and hidden.device.type == "cuda":
+            sm_count = _sm_count(hidden.device.index if hidden.device.index is not None
+                                 else torch.cuda.current_device())
+        num_splits = vocab_splits(v_tiles, sm_count)
     num_splits = max(1, min(num_splits, v_tiles))
     v_per_split = triton.cdiv(v_tiles, num_splits) * block_v
     num_splits = triton.cdiv(V, v_per_split)
@@ -155,7 +177,7 @@ def logprobs_fwd(hidden, weight, targets, bias, *, inv_temperature, softcap, wit
     part_sum = torch.empty((num_splits, N), **f32)
     part_target = torch.empty((num_splits, N), **f32)
     part_tsum = torch.empty((num_splits, N), **f32) if with_entropy else part_sum
-    logprobs_fwd_kernel[(n_blocks, num_splits)](
+    logprobs_fwd_kernel[(n_blocks * num_splits,)](
         hidden, weight, bias if bias is not None else hidden, targets,
         part_max, part_sum, part_target, part_tsum,
         n_valid if n_valid is not None else targets,
@@ -167,8 +189,8 @@ def logprobs_fwd(hidden, weight, targets, bias, *, inv_temperature, softcap, wit
         HAS_COUNT=n_valid is not None,
         UPCAST=upcast,
         IEEE_DOT=hidden.dtype == torch.float32,
-        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h,
-        num_warps=num_warps,
+        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, GROUP=GROUP_ROWS,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return merge_partials(part_max, part_sum, part_target, part_tsum if with_entropy else None,
                           with_lse_lo=with_lse_lo)
@@ -178,10 +200,3 @@ def logprobs_fwd(hidden, weight, targets, bias, *, inv_temperature, softcap, wit
 def _sm_count(device_index):
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
-
-def default_splits(n_blocks, v_tiles, device):
-    """Split the vocabulary until the grid has a few programs per SM; one split on the CPU."""
-    if device.type != "cuda":
-        return 1
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return max(1, min(v_tiles, triton.cdiv(4 * sms, n_blocks)))
