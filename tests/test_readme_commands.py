@@ -29,7 +29,7 @@ if str(ROOT) not in sys.path:
 
 from train.config import ConfigError, parse_cli  # noqa: E402
 
-READMES = ["README.md", "train/README.md", "train/experiments/README.md"]
+READMES = ["README.md", "train/README.md", "train/experiments/README.md", "benchmarks/README.md"]
 VENV_BIN = ".venv/bin/"
 INLINE_START = re.compile(r"^(python3?|\.venv/bin/\w+|make|pip|accelerate) ")
 
@@ -98,6 +98,9 @@ def test_command_is_well_formed(readme, command):
                 for flag in _flags(shlex.split(w[5:])):
                     assert f'"{flag}"' in source, f"{where}: bench_loss.py has no {flag}"
         return
+    if head == "bash":  # a script of the repository
+        assert (ROOT / words[1]).is_file(), f"{where}: {words[1]} does not exist"
+        return
     if head == "pip":  # one's own environment
         assert words[1] == "install", where
         for w in words[2:]:
@@ -125,6 +128,11 @@ def test_command_is_well_formed(readme, command):
             assert (ROOT / words[words.index("--config_file") + 1]).is_file(), f"{where}: no such config file"
         return
     assert tool == "python", f"{where}: unknown tool {tool}"
+    if words[1] == "-m":  # a module of the installed package
+        import importlib.util
+
+        assert importlib.util.find_spec(words[2]) is not None, f"{where}: no module {words[2]}"
+        return
     script = words[1]
     assert (ROOT / script).is_file(), f"{where}: {script} does not exist"
     args = words[2:]

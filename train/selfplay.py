@@ -488,6 +488,10 @@ def cli(argv=None) -> int:
     try:
         main(argv)
     except KeyboardInterrupt:
+        # A progress bar left open by the unwound frames would be closed (and redrawn) when it is
+        # collected, after this line: close them first so that the message stays the last line.
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()
         print(f"\n{INTERRUPTED}", file=sys.stderr, flush=True)
         return 130
     except (ConfigError, FileNotFoundError) as err:
