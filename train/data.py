@@ -18,6 +18,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from iris_kernels.integrations.hf import pad_sequences as hf_pad_sequences
+
 from .config import ConfigError, InputFileError
 from .io_utils import read_jsonl
 
@@ -151,21 +153,9 @@ def build_examples(rows, tokenizer, stop_ids, *, messages_field: str, answer_fie
 # ----------------------------------------------------------------------------- batches
 
 
-def pad_sequences(seqs: Sequence[Sequence[int]], prompt_lens: Sequence[int], pad_id: int):
-    """Right-padded input_ids, attention_mask and labels (prompt and padding -> IGNORE_INDEX).
-
-    labels[b, t] = input_ids[b, t] on response tokens: HF convention, position t-1 predicts it
-    (sequence_logprobs shifts).
-    """
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    labels = torch.full((len(seqs), T), IGNORE_INDEX, dtype=torch.long)
-    for b, (s, p) in enumerate(zip(seqs, prompt_lens)):
-        ids[b, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[b, : len(s)] = 1
-        labels[b, p : len(s)] = ids[b, p : len(s)]
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+# Right-padded input_ids / attention_mask / labels (prompt and padding -> IGNORE_INDEX): the one
+# implementation lives with the collator users import (iris_kernels.integrations.hf).
+pad_sequences = hf_pad_sequences
 
 
 def pair_batch(examples: Sequence[Example], synthetic: Sequence[Sequence[int]], pad_id: int, max_length: int):

@@ -58,7 +58,7 @@ def _ids(feature: Mapping, key: str, i: int) -> List[int]:
     return list(value)
 
 
-def _pad(seqs: Sequence[List[int]], prompt_lens: Sequence[int], pad_token_id: int) -> Dict[str, torch.Tensor]:
+def pad_sequences(seqs: Sequence[Sequence[int]], prompt_lens: Sequence[int], pad_token_id: int) -> Dict[str, torch.Tensor]:
     """Right-padded input_ids / attention_mask / labels (prompt and padding labelled -100; labels
     equal input_ids on response tokens: the Hugging Face convention, position t-1 predicts t)."""
     T = max(len(s) for s in seqs)
@@ -142,7 +142,7 @@ class PairCollator:
                 s = p + r
                 seqs.append(s[: self.max_length] if self.max_length is not None else s)
                 plens.append(len(p))
-        batch = _pad(seqs, plens, self.pad_token_id)
+        batch = pad_sequences(seqs, plens, self.pad_token_id)
         if self.with_reference:
             batch["ref_logps"] = torch.tensor(ref_a + ref_s, dtype=torch.float32)
         return batch

@@ -27,6 +27,30 @@ from .logits_tile import logits_tile
 
 
 @triton.jit
+def online_lse_update(z, offs_v, tgt, run_max, run_sum, run_tsum, target_z, WITH_ENTROPY: tl.constexpr):
+    """Fold one [BLOCK_N, BLOCK_V] tile of logits z (masked columns already -inf) into the running
+    statistics (m, s, t, target logit) of its rows; the update derived in the module docstring.
+    Shared by the fused forward and the split forward's row kernel (ops/logprobs_split.py)."""
+    new_max = tl.maximum(run_max, tl.max(z, axis=1))
+    # Shift by a finite stand-in while every logit seen so far is -inf (masked columns, or a
+    # -inf bias): exp(-inf - -inf) would be NaN, exp(-inf - 0) is the correct 0. A NaN logit
+    # still makes the sum NaN, which flows into lse and the log-prob (NaN in, NaN out).
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    rescale = tl.exp(run_max - shift)
+    zs = z - shift[:, None]
+    p = tl.exp(zs)
+    if WITH_ENTROPY:
+        # Before any finite logit, s = t = 0 and m - m' is -inf or NaN: the move adds 0.
+        moved = tl.where(run_sum > 0.0, (run_max - shift) * run_sum, 0.0)
+        # p * (z - m') with p = 0 and z = -inf is NaN; such terms contribute exactly 0.
+        run_tsum = (run_tsum + moved) * rescale + tl.sum(tl.where(p > 0.0, p * zs, 0.0), axis=1)
+    run_sum = run_sum * rescale + tl.sum(p, axis=1)
+    hit = offs_v[None, :] == tgt[:, None]
+    target_z += tl.sum(tl.where(hit, z, 0.0), axis=1)
+    return new_max, run_sum, run_tsum, target_z
+
+
+@triton.jit
 def logprobs_fwd_kernel(
     hidden_ptr,
     weight_ptr,
@@ -84,23 +108,8 @@ def logprobs_fwd_kernel(
             HAS_BIAS, HAS_SOFTCAP, UPCAST, IEEE_DOT, BLOCK_N, BLOCK_V, BLOCK_H,
         )
         z = tl.where(v_mask[None, :], z, float("-inf"))
-        new_max = tl.maximum(run_max, tl.max(z, axis=1))
-        # Shift by a finite stand-in while every logit seen so far is -inf (masked columns, or a
-        # -inf bias): exp(-inf - -inf) would be NaN, exp(-inf - 0) is the correct 0. A NaN logit
-        # still makes the sum NaN, which flows into lse and the log-prob (NaN in, NaN out).
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        rescale = tl.exp(run_max - shift)
-        zs = z - shift[:, None]
-        p = tl.exp(zs)
-        if WITH_ENTROPY:
-            # Before any finite logit, s = t = 0 and m - m' is -inf or NaN: the move adds 0.
-            moved = tl.where(run_sum > 0.0, (run_max - shift) * run_sum, 0.0)
-            # p * (z - m') with p = 0 and z = -inf is NaN; such terms contribute exactly 0.
-            run_tsum = (run_tsum + moved) * rescale + tl.sum(tl.where(p > 0.0, p * zs, 0.0), axis=1)
-        run_sum = run_sum * rescale + tl.sum(p, axis=1)
-        run_max = new_max
-        hit = offs_v[None, :] == tgt[:, None]
-        target_z += tl.sum(tl.where(hit, z, 0.0), axis=1)
+        run_max, run_sum, run_tsum, target_z = online_lse_update(
+            z, offs_v, tgt, run_max, run_sum, run_tsum, target_z, WITH_ENTROPY)
 
     out = pid_s.to(tl.int64) * N + offs_n
     tl.store(part_max_ptr + out, run_max, mask=n_mask)

@@ -23,7 +23,7 @@ import triton.language as tl
 from ..reference import _MM_OUT_DTYPE
 from ..tuning import workspace_rows
 from .logits_tile import tanh_f32
-from .logprobs_fwd import merge_partials
+from .logprobs_fwd import merge_partials, online_lse_update
 
 
 @triton.jit
@@ -83,19 +83,8 @@ def logprobs_rows_kernel(
             z = softcap * tanh_f32(z / softcap)
         z = z * inv_temperature
         z = tl.where(v_mask[None, :], z, float("-inf"))
-        new_max = tl.maximum(run_max, tl.max(z, axis=1))
-        # As in the fused kernel: a finite stand-in shift while every logit so far is -inf.
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        rescale = tl.exp(run_max - shift)
-        zs = z - shift[:, None]
-        p = tl.exp(zs)
-        if WITH_ENTROPY:
-            moved = tl.where(run_sum > 0.0, (run_max - shift) * run_sum, 0.0)
-            run_tsum = (run_tsum + moved) * rescale + tl.sum(tl.where(p > 0.0, p * zs, 0.0), axis=1)
-        run_sum = run_sum * rescale + tl.sum(p, axis=1)
-        run_max = new_max
-        hit = offs_v[None, :] == tgt[:, None]
-        target_z += tl.sum(tl.where(hit, z, 0.0), axis=1)
+        run_max, run_sum, run_tsum, target_z = online_lse_update(
+            z, offs_v, tgt, run_max, run_sum, run_tsum, target_z, WITH_ENTROPY)
 
     tl.store(out_max_ptr + offs_n, run_max, mask=n_mask)
     tl.store(out_sum_ptr + offs_n, run_sum, mask=n_mask)
