@@ -20,9 +20,11 @@ from .schedules import (
     CosineAlpha,
     GapAdaptiveAlpha,
     LinearAlpha,
+    TemperatureScoreAlpha,
     all_reduce_gap_sums,
     make_schedule,
 )
+from .two_sample import classifier_two_sample_test, response_features
 from .types import Backend, LinearLogprobsOutput
 
 __all__ = [
@@ -48,6 +50,9 @@ __all__ = [
     "LinearAlpha",
     "CosineAlpha",
     "GapAdaptiveAlpha",
+    "TemperatureScoreAlpha",
+    "response_features",
+    "classifier_two_sample_test",
     "make_schedule",
     "all_reduce_gap_sums",
 ]

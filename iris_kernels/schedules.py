@@ -7,30 +7,33 @@ for every schedule here:
   (and, for the adaptive schedule, of state that changes only between self-play iterations), so
   every micro-batch of a gradient-accumulation step sees the same α. The schedule never counts
   calls itself: the caller passes the optimizer step.
-* **Identical on every rank.** The per-step schedules depend on nothing but the step. The adaptive
-  schedule reads the gap from sums all-reduced over the process group before dividing.
+* **Identical on every rank.** The per-step schedules depend on nothing but the step. The
+  gap-adaptive schedule measures its gap on one rank and broadcasts it; the temperature-score
+  rule reads sums all-reduced over the process group before dividing.
 * **Deterministic and resumable.** ``state_dict()`` / ``load_state_dict()`` capture everything, so a
   resumed run produces the same α sequence bit for bit.
 
 α is returned as a Python float: the losses are exact at α ∈ {0, 1} only for float α, and a float
-costs no host sync per step. The adaptive schedule does one host sync per self-play iteration
-(in :meth:`GapAdaptiveAlpha.update_gap`, outside any optimizer step) to turn its gap into a float.
+costs no host sync per step. The adaptive schedules do one host round trip per self-play iteration
+(in ``update_gap``, outside any optimizer step) to turn their gap into a float.
 
 Example::
 
     sched = make_schedule({"type": "cosine", "alpha_start": 2.0, "alpha_end": 0.5, "num_steps": 1000})
     loss = iris_loss(pr, ps, rr, rs, alpha=sched.alpha(optimizer_step))
 
-    adaptive = make_schedule("adaptive")            # α_max = 2, α_min = 0.5
-    for batch in reference_pass:                    # once per self-play iteration
-        adaptive.accumulate_gap(ref_syn_token_mean, ref_real_token_mean)
-    adaptive.update_gap()                           # all-reduces, sets α for this iteration
+    adaptive = make_schedule("gap_adaptive")        # α_max = 2, α_min = 0.5; alias "adaptive"
+    # once per self-play iteration, on the held-out split's annotated and synthetic responses:
+    real = response_features(real_ids, ref_real_logps, real_finished, vocab_size=V)
+    syn = response_features(syn_ids, ref_syn_logps, syn_finished, vocab_size=V)
+    adaptive.update_gap(real, syn, seed=(run_seed, iteration))   # gathers, tests, broadcasts α
 """
 from __future__ import annotations
 
 import inspect
 import math
 import numbers
+import warnings
 from typing import Any, Dict, Mapping, Optional, Union
 
 import torch
@@ -41,6 +44,7 @@ __all__ = [
     "LinearAlpha",
     "CosineAlpha",
     "GapAdaptiveAlpha",
+    "TemperatureScoreAlpha",
     "SCHEDULES",
     "make_schedule",
     "all_reduce_gap_sums",
@@ -206,8 +210,14 @@ def all_reduce_gap_sums(sums: torch.Tensor, group=None) -> torch.Tensor:
     return sums
 
 
-class GapAdaptiveAlpha(AlphaSchedule):
-    """α from the distributional gap between the opponent's own samples and the data (docs/math.md#alpha-schedule).
+class TemperatureScoreAlpha(AlphaSchedule):
+    """The first "adaptive" rule, kept to reproduce the committed results: α from the opponent's
+    *temperature score* D̂, which is not a distance (docs/math.md#alpha-schedule).
+
+    D̂ estimates KL(p‖q) − (H(q) − H(p)), minus the derivative of the data log-likelihood with
+    respect to a global inverse temperature of the opponent q: it is 0 for every temperature-
+    calibrated model however far from p_data, < 0 when q is too flat and > 0 when it is too sharp.
+    Use :class:`GapAdaptiveAlpha` (``"gap_adaptive"``, the default adaptive rule) for a gap.
 
         D̂_t = mean(s̄_θt over synthetic responses) − mean(s̄_θt over annotated responses)
         α_t = α_min + (α_max − α_min) · clip(D̂_t / D̂_0, 0, 1)
@@ -240,7 +250,7 @@ class GapAdaptiveAlpha(AlphaSchedule):
     Before the first ``update_gap`` α = α_max: iteration 0's own gap is D̂_0, whose ratio is 1.
     """
 
-    name = "adaptive"
+    name = "temperature_score"
 
     def __init__(self, alpha_max: float = 2.0, alpha_min: float = 0.5, reference_gap: Optional[float] = None):
         self.alpha_max = _check_alpha_value(alpha_max, "alpha_max")
@@ -378,15 +388,194 @@ class GapAdaptiveAlpha(AlphaSchedule):
         self._sums = None if pending is None else pending.to(torch.float64).clone()
 
 
+def _gather_to_first_and_broadcast(payload, compute, group=None):
+    """Run ``compute(list of every rank's payload)`` on the group's first rank and return its
+    result on every rank (gather_object + broadcast_object_list); without distributed, locally.
+
+    One round trip per call: the adaptive schedule calls it once per self-play iteration.
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return compute([payload])
+    first = dist.get_global_rank(group, 0) if group is not None else 0
+    is_first = dist.get_rank() == first
+    gathered = [None] * dist.get_world_size(group) if is_first else None
+    dist.gather_object(payload, gathered, dst=first, group=group)
+    box = [compute(gathered) if is_first else None]
+    dist.broadcast_object_list(box, src=first, group=group)
+    return box[0]
+
+
+class GapAdaptiveAlpha(AlphaSchedule):
+    """α from a measured distance between the data and the opponent (docs/math.md#alpha-schedule).
+
+    Once per self-play iteration t, on the **held-out** split (never the training rows, where
+    the opponent's fit measures over-fitting), a classifier two-sample test
+    (:func:`iris_kernels.two_sample.classifier_two_sample_test`) separates annotated from
+    synthetic responses on per-response features (:func:`iris_kernels.two_sample.response_features`)
+    and gives u_t, a debiased lower bound on TV(p_data, p_θt) in [0, 1]. Then
+
+        α_t = α_min + (α_max − α_min) · clip(u_t / u_ref, 0, 1)
+
+    with ``u_ref`` (default 1: α is affine in the TV bound) or, with ``relative=True``,
+    u_ref = max(u_0, 2/√N) (α_max at the first iteration, the 2/√N floor so that a u_0 at noise
+    level does not make every later fluctuation look large). ``monotone=True``: α_t = min(α_{t−1}, α_t),
+    α never rises again.
+
+    Feeding it, once per iteration before the iteration's first optimizer step::
+
+        real = response_features(annotated_ids, ref_real_logps, finished_real, vocab_size=V)
+        syn = response_features(synthetic_ids, ref_syn_logps, finished_syn, vocab_size=V)
+        sched.update_gap(real, syn, seed=(run_seed, t))     # this rank's held-out rows
+        ... train the iteration with sched.alpha(step) ...
+
+    Under torch.distributed each rank passes its own rows; they are gathered on the group's
+    first rank, the test runs there and its result is broadcast, so α is identical on every
+    rank (one host round trip per iteration). Asking for α before the first ``update_gap``
+    raises RuntimeError: an unfed adaptive schedule has no α (the first version silently kept α_max).
+
+    After each update, :attr:`last_metrics` holds ``gap_u``, ``gap_acc`` (cross-fitted
+    accuracy), ``gap_ce`` (its held-out cross-entropy, nats), ``gap_N`` (rows) and
+    ``temperature_score`` = mean s̄_θt(synthetic) − mean s̄_θt(annotated) on the same rows
+    (< 0: the opponent is too flat, > 0: too sharp; not a distance; the first adaptive rule's D̂).
+    Fewer than ``min_rows_per_side`` (256) rows per side gives a warning: the bound's noise is
+    ≈ 1/√N (use ≥ 512 held-out prompts).
+    """
+
+    name = "gap_adaptive"
+
+    def __init__(self, alpha_max: float = 2.0, alpha_min: float = 0.5, u_ref: float = 1.0, relative: bool = False,
+                 monotone: bool = False, lam: float = 1e-2, max_iter: int = 25, min_rows_per_side: int = 256):
+        self.alpha_max = _check_alpha_value(alpha_max, "alpha_max")
+        self.alpha_min = _check_alpha_value(alpha_min, "alpha_min")
+        if self.alpha_min > self.alpha_max:
+            raise ValueError(
+                f"alpha_min ({self.alpha_min}) must be <= alpha_max ({self.alpha_max}): a larger gap must give a larger α"
+            )
+        if isinstance(u_ref, bool) or not isinstance(u_ref, numbers.Real) or not (0 < float(u_ref) <= 1):
+            raise ValueError(f"u_ref must be a number in (0, 1], got {u_ref!r}")
+        for name, value in (("relative", relative), ("monotone", monotone)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+        if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not (math.isfinite(lam) and lam > 0):
+            raise ValueError(f"lam must be a finite number > 0, got {lam!r}")
+        self.u_ref = float(u_ref)
+        self.relative, self.monotone = relative, monotone
+        self.lam = float(lam)
+        self.max_iter = _check_int(max_iter, "max_iter", 1)
+        self.min_rows_per_side = _check_int(min_rows_per_side, "min_rows_per_side", 0)
+        self.u_0: Optional[float] = None
+        self.last_u: Optional[float] = None
+        self.num_updates = 0
+        self._alpha: Optional[float] = None
+        self.last_metrics: Dict[str, float] = {}
+
+    def alpha(self, step: Optional[int] = None) -> float:
+        if step is not None:
+            _check_step(step)
+        if self._alpha is None:
+            raise RuntimeError(
+                "the gap-adaptive α schedule has not been fed: call update_gap(real_features, syn_features, seed=...) "
+                "with the held-out annotated and synthetic responses' features once per self-play iteration, before "
+                "its first optimizer step (docs/math.md#alpha-schedule); train/selfplay.py does this itself"
+            )
+        return self._alpha
+
+    def alpha_from_u(self, u: float, N: int) -> float:
+        """The map u_t → α_t alone (u_0 and the previous α as stored)."""
+        if math.isnan(u):
+            return float("nan")
+        u_ref = max(self.u_0 if self.u_0 is not None else u, 2.0 / math.sqrt(N)) if self.relative else self.u_ref
+        a = self.alpha_min + (self.alpha_max - self.alpha_min) * min(max(u / u_ref, 0.0), 1.0)
+        if self.monotone and self._alpha is not None:
+            a = min(self._alpha, a)
+        return a
+
+    def update_gap(self, real_features=None, syn_features=None, *, seed: Any = 0, group=None) -> float:
+        """Run the two-sample test on every rank's held-out rows and set α_t; returns α_t.
+
+        real_features [n, F], syn_features [m, F]: this rank's rows (float, from
+        ``response_features``; the last column must be s̄). ``seed``: an int or a tuple of ints
+        (e.g. (run seed, iteration)) seeding the 2-fold split. Raises ValueError with fewer than
+        2 rows per side over all ranks.
+        """
+        from .two_sample import classifier_two_sample_test
+
+        for name, x in (("real_features", real_features), ("syn_features", syn_features)):
+            if not isinstance(x, torch.Tensor) or x.dim() != 2:
+                raise TypeError(f"{name} must be a 2-D tensor [rows, features] from response_features")
+        if real_features.shape[1] != syn_features.shape[1]:
+            raise ValueError(f"real_features has {real_features.shape[1]} columns but syn_features has "
+                             f"{syn_features.shape[1]}")
+        parts = seed if isinstance(seed, (tuple, list)) else (seed,)
+        seed_int = 0
+        for p in parts:  # a fixed mix of the parts, the same on every platform (no hash())
+            seed_int = (seed_int * 1_000_003 + int(p)) % (1 << 62)
+        payload = (real_features.detach().to(torch.float64).cpu(), syn_features.detach().to(torch.float64).cpu())
+        lam, max_iter = self.lam, self.max_iter
+
+        def compute(all_parts):
+            real = torch.cat([p[0] for p in all_parts])
+            syn = torch.cat([p[1] for p in all_parts])
+            if real.shape[0] < 2 or syn.shape[0] < 2:
+                return {"error": f"update_gap needs >= 2 annotated and >= 2 synthetic rows over all ranks, got "
+                                 f"{real.shape[0]} and {syn.shape[0]}"}
+            out = classifier_two_sample_test(real, syn, seed=seed_int, lam=lam, max_iter=max_iter)
+            out["temperature_score"] = float(syn[:, -1].mean() - real[:, -1].mean())
+            out["rows_per_side"] = min(real.shape[0], syn.shape[0])
+            return out
+
+        result = _gather_to_first_and_broadcast(payload, compute, group)
+        if "error" in result:
+            raise ValueError(result["error"])
+        if result["rows_per_side"] < self.min_rows_per_side:
+            warnings.warn(
+                f"the gap-adaptive α measured its gap on {result['rows_per_side']} held-out rows per side "
+                f"(< {self.min_rows_per_side}): u_t's noise is about 1/sqrt(N) = {1 / math.sqrt(result['N']):.3f}; "
+                "use >= 512 held-out prompts (data.eval / data.max_eval_prompts)", RuntimeWarning, stacklevel=2)
+        u = float(result["u"])
+        if self.u_0 is None:
+            self.u_0 = u
+        self._alpha = self.alpha_from_u(u, int(result["N"]))
+        self.last_u = u
+        self.num_updates += 1
+        self.last_metrics = {"gap_u": u, "gap_acc": float(result["acc"]), "gap_ce": float(result["ce"]),
+                             "gap_N": int(result["N"]), "temperature_score": float(result["temperature_score"])}
+        return self._alpha
+
+    def _config(self) -> Dict[str, Any]:
+        return {"alpha_max": self.alpha_max, "alpha_min": self.alpha_min, "u_ref": self.u_ref,
+                "relative": self.relative, "monotone": self.monotone, "lam": self.lam, "max_iter": self.max_iter,
+                "min_rows_per_side": self.min_rows_per_side}
+
+    def state_dict(self) -> Dict[str, Any]:
+        state = super().state_dict()
+        state.update(alpha=self._alpha, u_0=self.u_0, last_u=self.last_u, num_updates=self.num_updates,
+                     last_metrics=dict(self.last_metrics))
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        for key in ("alpha", "u_0", "last_u", "num_updates", "last_metrics"):
+            if key not in state:
+                raise ValueError(f"state is missing {key!r}")
+        self._alpha = None if state["alpha"] is None else float(state["alpha"])
+        self.u_0 = None if state["u_0"] is None else float(state["u_0"])
+        self.last_u = None if state["last_u"] is None else float(state["last_u"])
+        self.num_updates = int(state["num_updates"])
+        self.last_metrics = dict(state["last_metrics"])
+
+
 # ----------------------------------------------------------------------------- factory
 
 SCHEDULES = {
     "constant": ConstantAlpha,
     "linear": LinearAlpha,
     "cosine": CosineAlpha,
-    "adaptive": GapAdaptiveAlpha,
+    "gap_adaptive": GapAdaptiveAlpha,
+    "temperature_score": TemperatureScoreAlpha,
 }
-_ALIASES = {"gap_adaptive": "adaptive", "fixed": "constant"}
+_ALIASES = {"adaptive": "gap_adaptive", "fixed": "constant"}
 
 
 def make_schedule(
@@ -399,7 +588,7 @@ def make_schedule(
 
         make_schedule(0.5)                                   # ConstantAlpha(0.5)
         make_schedule("linear", alpha_start=2, alpha_end=0.5, num_steps=100)
-        make_schedule({"type": "adaptive", "alpha_max": 3.0})
+        make_schedule({"type": "gap_adaptive", "alpha_max": 3.0, "monotone": True})
     """
     if isinstance(config, AlphaSchedule):
         if kwargs:

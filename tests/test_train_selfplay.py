@@ -79,7 +79,8 @@ def test_two_iterations_end_to_end(baseline):
         assert abs(first["loss"]) < 1e-5
         assert first["real/ess"] == pytest.approx(BATCH) and first["syn/ess"] == pytest.approx(BATCH)
     assert all(math.isfinite(r["loss"]) and not r["skipped"] for r in steps)
-    assert steps[0]["alpha"] == 2.0  # gap-adaptive: iteration 0's gap is D̂_0, ratio 1 -> α_max
+    for first in (steps[0], steps[STEPS]):  # the reference pass agrees with the training pass exactly
+        assert first["first_step_mean_abs_g"] == 0.0
 
     evals = {r["iteration"]: r for r in _metrics(out, "eval")}
     assert sorted(evals) == [-1, 0, 1]
@@ -88,6 +89,10 @@ def test_two_iterations_end_to_end(baseline):
         for key in ("nll", "accuracy", "reward_margin", "win_rate", "alpha", "ess_real", "ess_syn"):
             assert isinstance(evals[t][key], float), key
         assert 0 <= evals[t]["win_rate"] <= 1 and 1 <= evals[t]["ess_syn"] <= N_EVAL
+        # gap-adaptive v2 on the held-out split: α_t = ½ + 1.5·u_t, u_t from the classifier test
+        assert evals[t]["gap_N"] == 2 * N_EVAL and 0 <= evals[t]["gap_u"] <= 1
+        assert evals[t]["alpha"] == pytest.approx(0.5 + 1.5 * evals[t]["gap_u"])
+        assert isinstance(evals[t]["temperature_score"], float) and 0 <= evals[t]["gap_acc"] <= 1
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
 
     from transformers import AutoModelForCausalLM

@@ -46,3 +46,26 @@ def reference_logprobs(seq_model, examples: Sequence[Example], synthetic: Sequen
          "n_real": n[b], "n_syn": n[B + b]}
         for b, ex in enumerate(examples)
     ]
+
+
+def heldout_gap_features(examples: Sequence[Example], synthetic: Sequence[Dict], reference: Sequence[Dict], *,
+                         stop_ids, vocab_size: int, rank: int = 0, world: int = 1):
+    """This rank's (strided) held-out rows as the gap-adaptive schedule's features, (real, syn).
+
+    Both sides the same way (``iris_kernels.two_sample.response_features``): the response ids
+    as scored (cut to the stored scored-token count), the stored opponent log-probs s_θt, and
+    the finished flag = the scored response ends with a stop token.
+    """
+    from iris_kernels.two_sample import response_features
+
+    stops = set(int(s) for s in stop_ids)
+    idx = range(rank, len(examples), world)
+    real_ids = [list(examples[i].response_ids)[: max(reference[i]["n_real"], 0)] for i in idx]
+    syn_ids = [list(synthetic[i]["response_ids"])[: max(reference[i]["n_syn"], 0)] for i in idx]
+
+    def side(ids, key, count):
+        logps = torch.tensor([reference[i][key] for i in idx], dtype=torch.float64)
+        return response_features(ids, logps, [bool(r) and r[-1] in stops for r in ids], vocab_size=vocab_size,
+                                 lengths=[reference[i][count] for i in idx])
+
+    return side(real_ids, "ref_real", "n_real"), side(syn_ids, "ref_syn", "n_syn")

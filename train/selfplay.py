@@ -43,7 +43,8 @@ from train.modeling import (SequenceLogprobs, build_initial_model, load_checkpoi
                             save_model)
 from train.objective import Objective, build_alpha_schedule
 from train.optim import lr_for_iteration, make_optimizer, warmup_linear_decay
-from train.scoring import reference_logprobs
+from train.scoring import heldout_gap_features, reference_logprobs
+from iris_kernels.schedules import GapAdaptiveAlpha, TemperatureScoreAlpha
 from train.shards import load_sharded, run_sharded
 from train.trl_export import write_trl_pairs
 
@@ -241,13 +242,9 @@ def main(argv=None) -> None:
             global_step, alpha = state["global_step"], state["alpha"]
             alpha_schedule.load_state_dict(state["alpha_schedule"])
         else:
-            # α_t: the gap-adaptive schedule reads the opponent's per-token log-prob gap between its
-            # own samples and the data (all-reduced: every rank gets the same α).
-            mine = reference["train"][rank::world]
-            alpha_schedule.accumulate_gap(
-                torch.tensor([r["ref_syn"] / max(r["n_syn"], 1) for r in mine], dtype=torch.float64),
-                torch.tensor([r["ref_real"] / max(r["n_real"], 1) for r in mine], dtype=torch.float64))
-            alpha_schedule.update_gap()
+            feed_alpha_schedule(alpha_schedule, splits, synthetic, reference, stop_ids=stop_ids,
+                                vocab_size=model.config.vocab_size, seed=cfg.seed, iteration=t, rank=rank,
+                                world=world)
 
             optimizer = make_optimizer(model.parameters(), cfg.optim, lr_for_iteration(cfg.optim, t))
             warmup = int(cfg.optim.warmup_ratio * steps_per_iteration)
@@ -274,6 +271,14 @@ def main(argv=None) -> None:
                                                   rank=rank, world=world, seed=cfg.seed, iteration=t)
                 ]
                 alpha = alpha_schedule.alpha(progress.global_step)
+                first_abs_g = None
+                if progress.step_in_iteration == 0 and cfg.loss.name != "sft":
+                    # θ = θ_t: g should be exactly 0. Mean |g| over every rank's rows of this step
+                    # measures the reference pass's disagreement with the training pass (logged).
+                    sums = objective.abs_g_sums(train_module, [{k: v.to(accelerator.device) for k, v in mb.items()}
+                                                               for mb in micro], autocast=autocast)
+                    sums = accelerator.reduce(sums, "sum")
+                    first_abs_g = float(sums[0] / sums[1])
                 loss, step_metrics = objective.forward_backward(wrapped, micro, step=progress.global_step,
                                                                 autocast=autocast)
                 grad_norm = accelerator.clip_grad_norm_(
@@ -303,6 +308,8 @@ def main(argv=None) -> None:
                               "step_in_iteration": progress.step_in_iteration, "loss": float(loss), "alpha": alpha,
                               "lr": lr, "grad_norm": float(grad_norm), "skipped": skipped}
                     record.update({k: float(v) for k, v in step_metrics.items()})
+                    if first_abs_g is not None:
+                        record["first_step_mean_abs_g"] = first_abs_g
                     metrics.log(record)
                     bar.set_postfix(loss=f"{float(loss):.4f}", alpha=f"{alpha:.3g}")
                 if skipped:
@@ -344,7 +351,7 @@ def main(argv=None) -> None:
         # ESS of the IRIS weights over the held-out set needs α; the other losses have none.
         result = run_eval(t, synthetic.get("heldout"), reference.get("heldout"),
                           alpha if cfg.loss.name == "iris" else None)
-        result["gap"] = getattr(alpha_schedule, "last_gap", None)
+        result.update(alpha_schedule_metrics(alpha_schedule))
         if cfg.eval.lm_eval_tasks:
             if is_main:
                 result.update(lm_eval_scores(model, tokenizer, cfg.eval.lm_eval_tasks,
@@ -367,6 +374,40 @@ def main(argv=None) -> None:
     log(f"finished {iterations} iterations in {out}")
 
 
+def feed_alpha_schedule(schedule, splits, synthetic, reference, *, stop_ids, vocab_size: int, seed: int,
+                        iteration: int, rank: int, world: int) -> None:
+    """Set α_t of an adaptive schedule, once per iteration before its first step (others: nothing).
+
+    gap_adaptive: the classifier two-sample test on the HELD-OUT split's annotated and synthetic
+    responses (each rank passes its strided rows; the schedule gathers, tests on one rank and
+    broadcasts). temperature_score (the first rule, to reproduce old runs): the opponent's per-token
+    log-prob gap on the training rows, all-reduced, as it always was.
+    """
+    if isinstance(schedule, GapAdaptiveAlpha):
+        real, syn = heldout_gap_features(splits["heldout"], synthetic["heldout"], reference["heldout"],
+                                         stop_ids=stop_ids, vocab_size=vocab_size, rank=rank, world=world)
+        schedule.update_gap(real, syn, seed=(seed, iteration))
+    elif isinstance(schedule, TemperatureScoreAlpha):
+        mine = reference["train"][rank::world]
+        schedule.accumulate_gap(
+            torch.tensor([r["ref_syn"] / max(r["n_syn"], 1) for r in mine], dtype=torch.float64),
+            torch.tensor([r["ref_real"] / max(r["n_real"], 1) for r in mine], dtype=torch.float64))
+        schedule.update_gap()
+
+
+def alpha_schedule_metrics(schedule) -> dict:
+    """What the adaptive schedule measured this iteration, for the eval record (empty otherwise).
+
+    temperature_score = mean s̄_θt(synthetic) − mean s̄_θt(annotated), per-token opponent
+    log-probs: < 0 the opponent is too flat, > 0 too sharp; not a distance (docs/math.md#alpha-schedule).
+    """
+    if isinstance(schedule, GapAdaptiveAlpha):
+        return dict(schedule.last_metrics)
+    if isinstance(schedule, TemperatureScoreAlpha):
+        return {"temperature_score_train": schedule.last_gap}
+    return {}
+
+
 def metrics_legend(cfg) -> str:
     """What the numbers of the eval lines mean, printed once per run before the first of them."""
     lines = ["eval metrics (held-out prompts): nll = per-token negative log-likelihood of the annotated "
@@ -385,7 +426,8 @@ def metrics_legend(cfg) -> str:
 
 
 def format_metrics(m: dict) -> str:
-    keys = ("nll", "accuracy", "reward_margin", "win_rate", "alpha", "ess_real_frac", "ess_syn_frac")
+    keys = ("nll", "accuracy", "reward_margin", "win_rate", "alpha", "gap_u", "gap_acc", "temperature_score",
+            "ess_real_frac", "ess_syn_frac", "first_step_mean_abs_g")
     return ", ".join(f"{k} {m[k]:.4g}" for k in keys if isinstance(m.get(k), (int, float)))
 
 

@@ -51,7 +51,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PRESET = ROOT / "train" / "configs" / "known-distribution.yaml"
 
 METHODS = {  # name -> harness overrides (besides the learning rate)
-    "iris_adaptive": {"loss.name": "iris", "loss.alpha_schedule": "adaptive"},
+    "iris_adaptive": {"loss.name": "iris", "loss.alpha_schedule": "temperature_score"},
     "iris_a0.5": {"loss.name": "iris", "loss.alpha_schedule": "constant", "loss.alpha": 0.5},
     "iris_a1": {"loss.name": "iris", "loss.alpha_schedule": "constant", "loss.alpha": 1.0},
     "iris_a2": {"loss.name": "iris", "loss.alpha_schedule": "constant", "loss.alpha": 2.0},
