@@ -5,6 +5,7 @@ from .logprobs import linear_logprobs, sequence_logprobs
 from .losses import (
     LOSSES,
     chi2_loss,
+    chi2_logratio_loss,
     dpo_loss,
     get_loss,
     iris_loss,
@@ -38,6 +39,7 @@ __all__ = [
     "spin_loss",
     "space_loss",
     "chi2_loss",
+    "chi2_logratio_loss",
     "dpo_loss",
     "sft_loss",
     "LOSSES",

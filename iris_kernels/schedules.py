@@ -491,13 +491,16 @@ class GapAdaptiveAlpha(AlphaSchedule):
             a = min(self._alpha, a)
         return a
 
-    def update_gap(self, real_features=None, syn_features=None, *, seed: Any = 0, group=None) -> float:
+    def update_gap(self, real_features=None, syn_features=None, *, seed: Any = 0, real_keys=None, syn_keys=None,
+                   group=None) -> float:
         """Run the two-sample test on every rank's held-out rows and set α_t; returns α_t.
 
         real_features [n, F], syn_features [m, F]: this rank's rows (float, from
         ``response_features``; the last column must be s̄). ``seed``: an int or a tuple of ints
-        (e.g. (run seed, iteration)) seeding the 2-fold split. Raises ValueError with fewer than
-        2 rows per side over all ranks.
+        (e.g. (run seed, iteration)) seeding the 2-fold split. ``real_keys`` [n] / ``syn_keys`` [m]:
+        optional integer row ids (e.g. prompt ids); the gathered rows are sorted by them before the
+        split, so the result does not depend on how the rows were sharded over ranks. Raises
+        ValueError with fewer than 2 rows per side over all ranks.
         """
         from .two_sample import classifier_two_sample_test
 
@@ -511,12 +514,25 @@ class GapAdaptiveAlpha(AlphaSchedule):
         seed_int = 0
         for p in parts:  # a fixed mix of the parts, the same on every platform (no hash())
             seed_int = (seed_int * 1_000_003 + int(p)) % (1 << 62)
-        payload = (real_features.detach().to(torch.float64).cpu(), syn_features.detach().to(torch.float64).cpu())
+        def keys(k, x, name):
+            if k is None:
+                return None
+            k = torch.as_tensor(k, dtype=torch.int64).reshape(-1).cpu()
+            if k.shape[0] != x.shape[0]:
+                raise ValueError(f"{name} must have one key per row ({x.shape[0]}), got {k.shape[0]}")
+            return k
+
+        payload = (real_features.detach().to(torch.float64).cpu(), syn_features.detach().to(torch.float64).cpu(),
+                   keys(real_keys, real_features, "real_keys"), keys(syn_keys, syn_features, "syn_keys"))
         lam, max_iter = self.lam, self.max_iter
 
         def compute(all_parts):
             real = torch.cat([p[0] for p in all_parts])
             syn = torch.cat([p[1] for p in all_parts])
+            if all(p[2] is not None for p in all_parts):
+                real = real[torch.argsort(torch.cat([p[2] for p in all_parts]), stable=True)]
+            if all(p[3] is not None for p in all_parts):
+                syn = syn[torch.argsort(torch.cat([p[3] for p in all_parts]), stable=True)]
             if real.shape[0] < 2 or syn.shape[0] < 2:
                 return {"error": f"update_gap needs >= 2 annotated and >= 2 synthetic rows over all ranks, got "
                                  f"{real.shape[0]} and {syn.shape[0]}"}

@@ -79,7 +79,7 @@ class GenerationConfig:
 
 @dataclass
 class LossConfig:
-    name: str = "iris"  # iris | spin | space | chi2 | dpo | sft
+    name: str = "iris"  # iris | spin | space | chi2 (ratio witness) | chi2_logratio (the first χ²) | dpo | sft
     beta: float = 1.0
     # α schedule (IRIS only): adaptive (= gap_adaptive: the classifier two-sample gap on the held-out
     # split) | temperature_score (the first adaptive rule, D̂; kept to reproduce old runs) | constant |
@@ -151,7 +151,7 @@ class Config:
 _CHOICES = {
     "model.torch_dtype": ("float32", "bfloat16", "float16", "auto"),
     "generation.backend": ("hf",),
-    "loss.name": ("iris", "spin", "space", "chi2", "dpo", "sft"),
+    "loss.name": ("iris", "spin", "space", "chi2", "chi2_logratio", "dpo", "sft"),
     "loss.alpha_schedule": ("adaptive", "gap_adaptive", "temperature_score", "constant", "linear", "cosine"),
     "loss.scope": ("micro", "rank", "global"),
     "optim.optimizer": ("rmsprop", "adamw"),

@@ -386,7 +386,8 @@ def feed_alpha_schedule(schedule, splits, synthetic, reference, *, stop_ids, voc
     if isinstance(schedule, GapAdaptiveAlpha):
         real, syn = heldout_gap_features(splits["heldout"], synthetic["heldout"], reference["heldout"],
                                          stop_ids=stop_ids, vocab_size=vocab_size, rank=rank, world=world)
-        schedule.update_gap(real, syn, seed=(seed, iteration))
+        mine = list(range(rank, len(splits["heldout"]), world))  # heldout_gap_features' rows: the prompt ids
+        schedule.update_gap(real, syn, seed=(seed, iteration), real_keys=mine, syn_keys=mine)
     elif isinstance(schedule, TemperatureScoreAlpha):
         mine = reference["train"][rank::world]
         schedule.accumulate_gap(

@@ -57,7 +57,7 @@ METHODS = {  # name -> harness overrides (besides the learning rate)
     "iris_a2": {"loss.name": "iris", "loss.alpha_schedule": "constant", "loss.alpha": 2.0},
     "spin": {"loss.name": "spin", "loss.beta": 0.1},
     "space": {"loss.name": "space", "loss.beta": 1.0},
-    "chi2": {"loss.name": "chi2", "loss.beta": 1.0},
+    "chi2": {"loss.name": "chi2_logratio", "loss.beta": 1.0},  # the χ² form this miniature ran (now chi2_logratio)
     # SFT ignores the synthetic responses: one sampled token keeps the harness's phase a cheap.
     "sft_cont": {"loss.name": "sft", "generation.max_new_tokens": 1},
 }
