@@ -562,8 +562,7 @@ def _pair_metrics(loss, values, stats, extras):
     z = extras["margin"]
     return _detached(
         {
-            "loss": loss,
-            "estimate": -loss,
+            "loss": loss,  # no "estimate": SPIN's/DPO's −L estimates no divergence (docs/math.md#divergence-estimates)
             "real/mean_g": extras["g_real"].mean(),
             "syn/mean_g": extras["g_syn"].mean(),
             "margin": z.mean(),
@@ -651,9 +650,10 @@ def _space_terms(policy_real, policy_syn, ref_real, ref_syn, *, mu: float = 1.0,
     return terms, {"g_real": r_real.detach(), "g_syn": r_syn.detach()}
 
 
-def _mean_g_metrics(loss, values, stats, extras):
+def _mean_g_metrics(loss, values, stats, extras, bound: str):
+    # −L is a lower bound on a divergence whose name the key carries (docs/math.md#divergence-estimates).
     return _detached(
-        {"loss": loss, "estimate": -loss, "real/mean_g": extras["g_real"].mean(), "syn/mean_g": extras["g_syn"].mean()}
+        {"loss": loss, bound: -loss, "real/mean_g": extras["g_real"].mean(), "syn/mean_g": extras["g_syn"].mean()}
     )
 
 
@@ -676,7 +676,8 @@ def space_loss(
         L = −mean_R log σ(r − log μ) − μ·mean_S log σ(log μ − r),   r = β·(s_θ − s_ref).
 
     β defaults to 1 (the plain log-ratio of the standard NCE form). n ≠ m allowed. At θ = θ_t
-    and μ = 1 the loss is 2·log 2. Metrics: ``loss``, ``real/mean_g``, ``syn/mean_g`` (mean r),
+    and μ = 1 the loss is 2·log 2. Metrics: ``loss``, ``js_bound`` (−L: at μ = 1 a lower bound on
+    2·JS(p_data, p_θt) − log 4, reached at the optimum), ``real/mean_g``, ``syn/mean_g`` (mean r),
     local. Other arguments as :func:`iris_loss`.
     """
     _check_options(scope, backend)
@@ -685,7 +686,7 @@ def space_loss(
                                  hparams={"mu": mu, "beta": beta})
     loss = (values["real"] + values["syn"]).float()  # one rounding, after the terms are summed in fp64
     if return_metrics:
-        return loss, _mean_g_metrics(loss, values, used, extras)
+        return loss, _mean_g_metrics(loss, values, used, extras, "js_bound")
     return loss
 
 
@@ -733,7 +734,7 @@ def chi2_loss(
     minimiser over a free model is p_data (one step), and at it −L = χ²(p_data ‖ p_θt).
     0 at θ = θ_t. Computed stably in the log domain (each mean as a tilted risk, log-sum-exp with
     the batch max; one exponentiation of each κ at the end, in fp64). n ≠ m allowed.
-    Metrics: ``loss``, ``estimate`` (−L, the χ² estimate), ``real/mean_g``, ``syn/mean_g``,
+    Metrics: ``loss``, ``chi2_bound`` (−L, a lower bound on χ²(p_data ‖ p_θt)), ``real/mean_g``, ``syn/mean_g``,
     ``real/ess``, ``syn/ess`` (of the weights e^{g_i}, e^{2g_j}). Other arguments as :func:`iris_loss`.
     """
     _check_options(scope, backend)
@@ -742,7 +743,7 @@ def chi2_loss(
                                  hparams={"beta": beta})
     loss = _chi2_combine(values).float()
     if return_metrics:
-        m = {"loss": loss, "estimate": -loss}
+        m = {"loss": loss, "chi2_bound": -loss}
         for name in ("real", "syn"):
             st = used[name]
             nan = st[NANS] > 0
@@ -783,7 +784,8 @@ def chi2_logratio_loss(
     A valid bound for any h, but its pointwise optimum h* = 2(p/q − 1) is a density-ratio witness
     a log-ratio cannot reach, so its per-iteration optimum is NOT p_data (from KL 0.41 one exact
     iteration reaches 0.043). Its first gradient at θ = θ_t equals IRIS's. n ≠ m allowed; 0 at
-    θ = θ_t. Metrics: ``loss``, ``estimate``, ``real/mean_g``, ``syn/mean_g``, local. Other
+    θ = θ_t. Metrics: ``loss``, ``chi2_bound`` (−L, a looser lower bound on χ²(p_data ‖ p_θt)),
+    ``real/mean_g``, ``syn/mean_g``, local. Other
     arguments as :func:`iris_loss`.
     """
     _check_options(scope, backend)
@@ -792,7 +794,7 @@ def chi2_logratio_loss(
                                  hparams={"beta": beta})
     loss = (values["real"] + values["syn"]).float()  # one rounding, after the terms are summed in fp64
     if return_metrics:
-        return loss, _mean_g_metrics(loss, values, used, extras)
+        return loss, _mean_g_metrics(loss, values, used, extras, "chi2_bound")
     return loss
 
 

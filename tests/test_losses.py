@@ -317,13 +317,13 @@ def test_baseline_metrics():
     pr, ps, rr, rs = make_batch(8, 8, 1.0, 0.1, seed=12)
     _, m = spin_loss(pr, ps, rr, rs, return_metrics=True)
     z = 0.1 * ((pr.double() - rr.double()) - (ps.double() - rs.double()))
-    assert set(m) == {"loss", "estimate", "real/mean_g", "syn/mean_g", "margin", "accuracy"}
+    assert set(m) == {"loss", "real/mean_g", "syn/mean_g", "margin", "accuracy"}  # −L estimates no divergence
     assert m["margin"].item() == pytest.approx(z.mean().item(), rel=1e-6)
     assert m["accuracy"].item() == pytest.approx((z > 0).double().mean().item())
-    for fn in (space_loss, chi2_loss, chi2_logratio_loss):
+    for fn, bound in ((space_loss, "js_bound"), (chi2_loss, "chi2_bound"), (chi2_logratio_loss, "chi2_bound")):
         _, m = fn(pr, ps, rr, rs, return_metrics=True)
-        assert set(m) >= {"loss", "estimate", "real/mean_g", "syn/mean_g"}
-        assert m["estimate"] == -m["loss"]
+        assert set(m) >= {"loss", bound, "real/mean_g", "syn/mean_g"} and "estimate" not in m
+        assert m[bound] == -m["loss"]
         assert m["real/mean_g"].item() == pytest.approx((pr.double() - rr.double()).mean().item(), rel=1e-6)
     _, m = sft_loss(pr, num_tokens_real=torch.full((8,), 3), return_metrics=True)
     assert set(m) == {"loss", "real/mean_s"}

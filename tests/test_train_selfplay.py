@@ -244,3 +244,21 @@ def test_trust_remote_code_is_off_unless_asked(monkeypatch, tmp_path):
         with pytest.raises(FileNotFoundError):
             build_initial_model(ModelConfig(name_or_path=str(folder), trust_remote_code=flag), None, seed=0)
         assert seen["trust_remote_code"] is flag
+
+
+def test_first_step_g_is_exactly_zero_in_bf16(tmp_path):
+    """At θ = θ_t the reference pass (training micro-batches, training forward, same autocast)
+    and the training pass agree bit for bit: the IRIS loss is exactly 0 and every weight exactly
+    uniform, in bf16 autocast, with per-token means and gradient accumulation too."""
+    out = tmp_path / "bf16"
+    _ok(_run(out, "--train.mixed_precision", "'bf16'", "--train.iterations", "1", "--loss.length_normalize", "true",
+             "--train.per_device_batch_size", "4", "--train.gradient_accumulation_steps", "2",
+             "--eval.batch_size", "5", "--eval.at_start", "false"))
+    first = _metrics(out, "train")[0]
+    assert first["step_in_iteration"] == 1
+    assert first["first_step_mean_abs_g"] == 0.0
+    assert first["loss"] == 0.0
+    assert first["real/ess"] == BATCH and first["syn/ess"] == BATCH
+    assert first["real/max_weight"] == 1 / BATCH and first["syn/max_weight"] == 1 / BATCH
+    rows = read_jsonl(out / "iter_0" / "reference-train-layout-r0of1.jsonl")
+    assert sorted(r["prompt_id"] for r in rows) == list(range(N_TRAIN))

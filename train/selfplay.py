@@ -6,7 +6,8 @@
 
 Iteration t, with θ_t the current model (θ_0 from the config):
   a. generate  one sampled response per prompt (train and held-out) with θ_t  -> iter_t/generated-*.jsonl
-  b. score     s_θt of every annotated and synthetic response, once           -> iter_t/reference-*.jsonl
+  b. score     s_θt of every annotated and synthetic response, once (training rows in their training
+               micro-batches, through the training forward)  -> iter_t/reference-train-layout-*, reference-heldout-*
   c. train     θ_{t+1} from θ_t with the self-play loss, the opponent being the numbers of b
                (one model in memory)                                          -> iter_t/model/, iter_t/TRAINED
   d. evaluate  θ_{t+1} on the held-out split                                   -> metrics.jsonl, TensorBoard
@@ -43,7 +44,8 @@ from train.modeling import (SequenceLogprobs, build_initial_model, load_checkpoi
                             save_model)
 from train.objective import Objective, build_alpha_schedule
 from train.optim import lr_for_iteration, make_optimizer, warmup_linear_decay
-from train.scoring import heldout_gap_features, reference_logprobs
+from train.scoring import (heldout_gap_features, load_training_layout, reference_logprobs, score_in_training_layout,
+                           training_layout)
 from iris_kernels.schedules import GapAdaptiveAlpha, TemperatureScoreAlpha
 from train.shards import load_sharded, run_sharded
 from train.trl_export import write_trl_pairs
@@ -220,6 +222,20 @@ def main(argv=None) -> None:
         # ------------------------------------------------------------ b. score both responses under θ_t, once
         reference = {}
         for split, examples in splits.items():
+            if split == "train":
+                # In the training micro-batches, through the training forward: g = 0 exactly at θ = θ_t.
+                if not trained:
+                    layout = training_layout(len(examples), per_device=cfg.train.per_device_batch_size,
+                                             accumulation=cfg.train.gradient_accumulation_steps, world=world,
+                                             seed=cfg.seed, iteration=t)
+                    score_in_training_layout(objective.training_module(model), examples, synthetic[split],
+                                             batches=layout[rank], out_dir=it, rank=rank, world=world,
+                                             pad_id=tokenizer.pad_token_id, max_length=cfg.data.max_length,
+                                             autocast=autocast, length_normalize=objective.criterion.length_normalize,
+                                             log=log)
+                    accelerator.wait_for_everyone()
+                reference[split] = load_training_layout(examples, out_dir=it, world=world)
+                continue
             if not trained:
                 def score(batch, _syn=synthetic[split]):
                     return reference_logprobs(seq_model, batch, [_syn[e.prompt_id] for e in batch],
@@ -423,6 +439,20 @@ def metrics_legend(cfg) -> str:
         lines.append("the training loss shown in the progress bar is the IRIS loss -J_alpha, the negated estimate of "
                      "a lower bound on the Renyi divergence between the data and the opponent (docs/math.md#objective): "
                      "negative values are normal, and lower is better")
+    bounds = {"space": "js_bound = -loss, a lower bound on 2 JS(data, opponent) - log 4",
+              "chi2": "chi2_bound = -loss, a lower bound on the chi-square divergence of the data from the opponent",
+              "chi2_logratio": "chi2_bound = -loss, a (loose) lower bound on the chi-square divergence",
+              "spin": "SPIN's loss estimates no divergence (a logistic loss of the reward margin)",
+              "dpo": "DPO's loss estimates no divergence (a logistic loss of the reward margin)"}
+    if cfg.loss.name in bounds:
+        lines.append(bounds[cfg.loss.name] + " (docs/math.md#divergence-estimates)")
+    if cfg.loss.name == "iris" and cfg.loss.alpha_schedule in ("adaptive", "gap_adaptive"):
+        lines.append("gap_u = u_t, a debiased lower bound on the total variation between the held-out annotated and "
+                     "synthetic responses (classifier accuracy gap_acc); alpha = alpha_min + (alpha_max - alpha_min) "
+                     "u_t / u_ref; temperature_score < 0: the opponent is too flat, > 0 too sharp, not a distance "
+                     "(docs/math.md#alpha-schedule)")
+    lines.append("first_step_mean_abs_g (train records) = mean |g| at an iteration's first step, where theta = "
+                 "theta_t: 0 exactly unless the reference pass disagrees with the training pass")
     return "\n    ".join(lines)
 
 
