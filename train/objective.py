@@ -34,6 +34,10 @@ from .modeling import body_hidden_states, output_projection
 
 def build_alpha_schedule(cfg: LossConfig, total_steps: int):
     name = cfg.alpha_schedule
+    if cfg.name != "iris":
+        # Only IRIS reads α; an adaptive schedule here would measure a gap nobody uses (and a
+        # held-out split the other losses do not need).
+        return make_schedule("constant", alpha=cfg.alpha)
     if name in ("adaptive", "gap_adaptive"):
         return make_schedule("gap_adaptive", alpha_max=cfg.alpha_max, alpha_min=cfg.alpha_min, u_ref=cfg.gap_u_ref,
                              relative=cfg.gap_relative, monotone=cfg.gap_monotone)
