@@ -61,6 +61,19 @@ METHODS = {
     "sft_cont": {"loss.name": "sft", "generation.max_new_tokens": 1},
 }
 REGIMES = ("R", "F")
+# Ablations (--ablations, on the first 3 seeds, regime R, from θ_0 unless noted): IRIS-v2 with
+# β ∈ {0.1, 0.5}; generation at temperature 0.8 / top-p 0.95; a capacity arm (4 layers × 128
+# hidden: its own θ_0, then IRIS-v2 and SFT-continued). SPIN's mixing of the previous iteration's
+# synthetic data is not offered by the harness yet, so it is not among them.
+ABLATIONS = {
+    "iris_v2_beta0.1": {**METHODS["iris_v2"], "loss.beta": 0.1},
+    "iris_v2_beta0.5": {**METHODS["iris_v2"], "loss.beta": 0.5},
+    "iris_v2_t0.8": {**METHODS["iris_v2"], "generation.temperature": 0.8, "generation.top_p": 0.95},
+}
+CAPACITY = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
+            "tie_word_embeddings": True}
+ABLATION_SEEDS = 3
 FULL = dict(seeds=10, max_seeds=20, iterations=4, n=128, s_mult=8, n_val=512, n_test=4000, n_psamples=8000,
             n_prompts=1000, sft_epochs_per_iter=2, sft_max_iters=15, patience=2,
             lr_grid=[3e-5, 1e-4, 3e-4, 1e-3], tune_iterations=2, methods=list(METHODS), baselines=True)
@@ -212,7 +225,7 @@ def harness_per_iteration(run_dir: Path, t: int, method: str) -> dict:
     ev = kd.read_eval(run_dir, t)
     out = {k: ev.get(k) for k in ("nll", "alpha", "gap_u", "gap_acc", "temperature_score", "ess_real_frac",
                                   "ess_syn_frac")}
-    if METHODS[method]["loss.name"] != "iris":
+    if {**METHODS, **ABLATIONS}[method]["loss.name"] != "iris":
         out["alpha"] = None  # the harness logs a constant α the other losses never read
     p = run_dir / "metrics.jsonl"
     if p.exists():
@@ -261,13 +274,42 @@ class Seed:
 
     def run(self, key: str, start: str, train: str, method: str, lr: float, n_iter: int, measure=True) -> list:
         run_dir = self.sd / key
-        kd.run_harness(run_dir, {**self.base, **METHODS[method], "data.train": train, "model.name_or_path": start,
+        overrides = {**METHODS, **ABLATIONS}[method]
+        kd.run_harness(run_dir, {**self.base, **overrides, "data.train": train, "model.name_or_path": start,
                                  "model.init_config": None, "train.iterations": n_iter, "optim.lr": lr})
         its = []
         for t in range(n_iter):
-            its.append({**(self.measure(run_dir / f"iter_{t}" / "model") if measure else {}),
+            measured = measure and (t == n_iter - 1 or not self.cfg.get("measure_final_only"))
+            its.append({**(self.measure(run_dir / f"iter_{t}" / "model") if measured else {}),
                         **harness_per_iteration(run_dir, t, method)})
         return its
+
+
+def run_ablations(lang, tok, out: Path, seed: int, cfg: dict, lrs: dict, results: dict, save) -> None:
+    s = Seed(lang, tok, out, seed, cfg, results, save)
+    runs, T = s.R.setdefault("runs", {}), cfg["iterations"]
+    theta0 = s.theta0()
+    for name in ABLATIONS:
+        key = f"abl/{name}/R"
+        if len(runs.get(key, [])) != T:
+            runs[key] = s.run(f"abl_{name}_R", theta0, s.data["R"], name, lr_of(lrs, "iris_v2", "R"), T)
+            kd.log(f"seed {seed}: {key}: forward KL {kls(runs[key])}")
+            save()
+    if "capacity_theta0" not in s.R:
+        big = kd.sft_early_stopped(s.sd / "cap_sft_S", {**s.base, "data.train": s.data["S"], "optim.warmup_ratio": 0.1,
+                                                         "model.init_config": CAPACITY}, cfg)
+        s.R["capacity_theta0"] = {**s.measure(Path(big["model"])), "sft": big}
+        save()
+    start = s.R["capacity_theta0"]["sft"]["model"]
+    for method in ("iris_v2", "sft_cont"):
+        key = f"abl/capacity_{method}/R"
+        if len(runs.get(key, [])) != T:
+            runs[key] = s.run(f"abl_capacity_{method}_R", start, s.data["R"], method, lr_of(lrs, method, "R"), T)
+            save()
+
+
+def kls(its) -> str:
+    return " ".join("—" if x.get("forward_kl") is None else f"{x['forward_kl']:.3f}" for x in its)
 
 
 def lr_of(lrs: dict, method: str, regime: str) -> float:
@@ -316,7 +358,7 @@ def run_seed(lang, tok, out: Path, seed: int, cfg: dict, lrs: dict, results: dic
                 continue
             t0 = time.time()
             runs[key] = s.run(f"{method}_{regime}", theta0, s.data[regime], method, lr_of(lrs, method, regime), T)
-            kd.log(f"seed {seed}: {key}: forward KL {kd.kls(runs[key])} ({time.time() - t0:.0f}s)")
+            kd.log(f"seed {seed}: {key}: forward KL {kls(runs[key])} ({time.time() - t0:.0f}s)")
             save()
     if not cfg["baselines"]:
         return
@@ -378,7 +420,7 @@ def summarize(results: dict, cfg: dict) -> dict:
         per_key[key] = rows
     change = {key: paired([s["runs"][key][-1]["forward_kl"] - s["theta0"]["forward_kl"] for s in seeds.values()
                            if len(s.get("runs", {}).get(key, [])) == T and "theta0" in s])
-              for key in keys if not key.startswith(("fp/", "half/"))}
+              for key in keys if not key.startswith(("fp/", "half/", "abl/capacity"))}
     # The best fixed α per regime: lowest mean final forward KL over seeds (chosen on the same
     # seeds: stated as such in the write-up, a selection that favours the fixed α).
     best_fixed = {}
@@ -459,6 +501,11 @@ def main(argv=None) -> None:
     ap.add_argument("--no-baselines", action="store_true", help="skip SFT on S∪F, 9n, 16n, the fixed point and θ_0^½")
     ap.add_argument("--no-tune", action="store_true", help="skip tuning: every method at lr 3e-4")
     ap.add_argument("--iterations", type=int, default=None)
+    ap.add_argument("--measure-final-only", action="store_true",
+                    help="measure (KL, D_½, TV) only each run's last iteration's model (a reduced run)")
+    ap.add_argument("--merge", nargs="*", default=[],
+                    help="with --report: other OUT/results.json files whose seeds join this report")
+    ap.add_argument("--ablations", action="store_true", help=f"also the ablations on the first {ABLATION_SEEDS} seeds")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--report", action="store_true", help="only rewrite the JSON, table and plot from OUT/results.json")
     args = ap.parse_args(argv)
@@ -476,6 +523,7 @@ def main(argv=None) -> None:
         cfg["lr_grid"] = []
     if args.iterations:
         cfg["iterations"] = args.iterations
+    cfg["measure_final_only"] = args.measure_final_only
     torch.set_num_threads(args.threads)
     out = Path(args.out or ROOT / "runs" / ("paper-regime-quick" if args.quick else "paper-regime"))
     res_dir = Path(args.results) if args.results else (out / "results" if args.quick else
@@ -500,6 +548,8 @@ def main(argv=None) -> None:
 
     def save():
         results["summary"] = summarize(results, cfg)
+        if args.report:  # a report never rewrites the run's own OUT/results.json
+            return
         tmp = res_path.with_name("results.json.tmp")
         tmp.write_text(json.dumps(results))
         tmp.replace(res_path)
@@ -511,6 +561,13 @@ def main(argv=None) -> None:
         plot(results["summary"], cfg, res_dir)
 
     if args.report:
+        for other in args.merge:
+            theirs = json.loads(Path(other).read_text())
+            for k, v in theirs.get("seeds", {}).items():
+                if k in results.setdefault("seeds", {}):
+                    ap.error(f"--merge: seed {k} is in both {res_path} and {other}")
+                results["seeds"][k] = v
+            results.setdefault("merged_from", []).append(str(other))
         publish()
         kd.log(f"report rewritten in {res_dir}")
         return
@@ -518,6 +575,8 @@ def main(argv=None) -> None:
     lrs = tune(lang, tok, out, cfg, results, save)
     for seed in range(args.first_seed, args.first_seed + cfg["seeds"]):
         run_seed(lang, tok, out, seed, cfg, lrs, results, save)
+        if args.ablations and seed < args.first_seed + ABLATION_SEEDS:
+            run_ablations(lang, tok, out, seed, cfg, lrs, results, save)
         results["wall_seconds_this_invocation"] = time.time() - t_start
         publish()
     kd.log(f"done in {time.time() - t_start:.0f}s; results in {res_dir}")
