@@ -479,9 +479,11 @@ def plot(summary: dict, cfg: dict, res_dir: Path) -> None:
         for key, rows in summary["per_iteration"].items():
             if not key.endswith(f"/{regime}") or key.startswith(("fp/", "half/")):
                 continue
-            y = [r["forward_kl"]["mean"] for r in rows]
-            e = [r["forward_kl"]["ci95"] or 0 for r in rows]
-            a.errorbar(range(1, len(y) + 1), y, yerr=e, marker="o", capsize=3, label=key.split("/")[0])
+            pts = [(t + 1, r["forward_kl"]["mean"], r["forward_kl"]["ci95"] or 0) for t, r in enumerate(rows)
+                   if r["forward_kl"]["mean"] is not None]  # --measure-final-only: the last iteration only
+            if pts:
+                a.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
+                           capsize=3, label=key.split("/")[0])
         a.set(xlabel="self-play iteration", title=f"regime {regime} ({'reused S rows' if regime == 'R' else 'fresh rows'})")
     ax[0].set_ylabel("KL(p_data ‖ p_θ) [nats / response]")
     ax[0].legend(fontsize=7)
@@ -504,7 +506,8 @@ def main(argv=None) -> None:
     ap.add_argument("--measure-final-only", action="store_true",
                     help="measure (KL, D_½, TV) only each run's last iteration's model (a reduced run)")
     ap.add_argument("--merge", nargs="*", default=[],
-                    help="with --report: other OUT/results.json files whose seeds join this report")
+                    help="with --report: other OUT/results.json files whose seeds and runs join this report "
+                         "(a seed in both must have the same θ_0, and no run in both)")
     ap.add_argument("--ablations", action="store_true", help=f"also the ablations on the first {ABLATION_SEEDS} seeds")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--report", action="store_true", help="only rewrite the JSON, table and plot from OUT/results.json")
@@ -564,9 +567,16 @@ def main(argv=None) -> None:
         for other in args.merge:
             theirs = json.loads(Path(other).read_text())
             for k, v in theirs.get("seeds", {}).items():
-                if k in results.setdefault("seeds", {}):
-                    ap.error(f"--merge: seed {k} is in both {res_path} and {other}")
-                results["seeds"][k] = v
+                mine = results.setdefault("seeds", {}).setdefault(k, {})
+                if "theta0" in mine and "theta0" in v and mine["theta0"]["forward_kl"] != v["theta0"]["forward_kl"]:
+                    ap.error(f"--merge: seed {k} has another θ_0 in {other}: its runs cannot be paired with these")
+                clash = set(mine.get("runs", {})) & set(v.get("runs", {}))
+                if clash:
+                    ap.error(f"--merge: seed {k} has runs {sorted(clash)} in both {res_path} and {other}")
+                mine.setdefault("runs", {}).update(v.get("runs", {}))
+                for key, value in v.items():
+                    if key != "runs":
+                        mine.setdefault(key, value)
             results.setdefault("merged_from", []).append(str(other))
         publish()
         kd.log(f"report rewritten in {res_dir}")
