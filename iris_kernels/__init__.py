@@ -6,6 +6,7 @@ from .logprobs import linear_logprobs, sequence_logprobs
 from .losses import (
     LOSSES,
     chi2_loss,
+    chi2_logratio_loss,
     dpo_loss,
     get_loss,
     iris_loss,
@@ -21,9 +22,11 @@ from .schedules import (
     CosineAlpha,
     GapAdaptiveAlpha,
     LinearAlpha,
+    TemperatureScoreAlpha,
     all_reduce_gap_sums,
     make_schedule,
 )
+from .two_sample import classifier_two_sample_test, response_features
 from .types import Backend, LinearLogprobsOutput
 
 __all__ = [
@@ -37,6 +40,7 @@ __all__ = [
     "spin_loss",
     "space_loss",
     "chi2_loss",
+    "chi2_logratio_loss",
     "dpo_loss",
     "sft_loss",
     "LOSSES",
@@ -49,6 +53,9 @@ __all__ = [
     "LinearAlpha",
     "CosineAlpha",
     "GapAdaptiveAlpha",
+    "TemperatureScoreAlpha",
+    "response_features",
+    "classifier_two_sample_test",
     "make_schedule",
     "all_reduce_gap_sums",
 ]

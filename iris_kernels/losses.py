@@ -63,6 +63,7 @@ __all__ = [
     "dpo_loss",
     "space_loss",
     "chi2_loss",
+    "chi2_logratio_loss",
     "sft_loss",
     "LOSSES",
     "get_loss",
@@ -583,8 +584,7 @@ def _pair_metrics(loss, values, stats, extras):
     z = extras["margin"]
     return _detached(
         {
-            "loss": loss,
-            "estimate": -loss,
+            "loss": loss,  # no "estimate": SPIN's/DPO's −L estimates no divergence (docs/math.md#divergence-estimates)
             "real/mean_g": extras["g_real"].mean(),
             "syn/mean_g": extras["g_syn"].mean(),
             "margin": z.mean(),
@@ -672,9 +672,10 @@ def _space_terms(policy_real, policy_syn, ref_real, ref_syn, *, mu: float = 1.0,
     return terms, {"g_real": r_real.detach(), "g_syn": r_syn.detach()}
 
 
-def _mean_g_metrics(loss, values, stats, extras):
+def _mean_g_metrics(loss, values, stats, extras, bound: str):
+    # −L is a lower bound on a divergence whose name the key carries (docs/math.md#divergence-estimates).
     return _detached(
-        {"loss": loss, "estimate": -loss, "real/mean_g": extras["g_real"].mean(), "syn/mean_g": extras["g_syn"].mean()}
+        {"loss": loss, bound: -loss, "real/mean_g": extras["g_real"].mean(), "syn/mean_g": extras["g_syn"].mean()}
     )
 
 
@@ -697,7 +698,8 @@ def space_loss(
         L = −mean_R log σ(r − log μ) − μ·mean_S log σ(log μ − r),   r = β·(s_θ − s_ref).
 
     β defaults to 1 (the plain log-ratio of the standard NCE form). n ≠ m allowed. At θ = θ_t
-    and μ = 1 the loss is 2·log 2. Metrics: ``loss``, ``real/mean_g``, ``syn/mean_g`` (mean r),
+    and μ = 1 the loss is 2·log 2. Metrics: ``loss``, ``js_bound`` (−L: at μ = 1 a lower bound on
+    2·JS(p_data, p_θt) − log 4, reached at the optimum), ``real/mean_g``, ``syn/mean_g`` (mean r),
     local. Other arguments as :func:`iris_loss`.
     """
     _check_options(scope, backend)
@@ -706,18 +708,30 @@ def space_loss(
                                  hparams={"mu": mu, "beta": beta})
     loss = (values["real"] + values["syn"]).float()  # one rounding, after the terms are summed in fp64
     if return_metrics:
-        return loss, _mean_g_metrics(loss, values, used, extras)
+        return loss, _mean_g_metrics(loss, values, used, extras, "js_bound")
     return loss
 
 
 def _chi2_terms(policy_real, policy_syn, ref_real, ref_syn, *, beta: float = 1.0):
     _check_inputs(policy_real, policy_syn, ref_real, ref_syn)
     beta = _check_positive("beta", beta)
-    h_real = _log_ratio(policy_real, ref_real, beta)
-    h_syn = _log_ratio(policy_syn, ref_syn, beta)
-    # Pearson-χ² variational form with h = g: ∂/∂h is −1 on data and 1 + h/2 on synthetic samples.
-    terms = {"real": _term_mean(-h_real), "syn": _term_mean(h_syn + 0.25 * h_syn * h_syn)}
-    return terms, {"g_real": h_real.detach(), "g_syn": h_syn.detach()}
+    g_real = _log_ratio(policy_real, ref_real, beta)
+    g_syn = _log_ratio(policy_syn, ref_syn, beta)
+    # The means of e^{g} and e^{2g} in the log domain: κ_1(g_R) = log mean e^{g_R} and
+    # κ_2(g_S) = ½·log mean e^{2g_S}, each by the tilted-risk reduction (log-sum-exp shifted by
+    # the batch max), so no e^{g} is formed before the one exponentiation of the loss below.
+    # ∂κ_1/∂g_i = softmax(g_R)_i and ∂κ_2/∂g_j = softmax(2g_S)_j; the loss's chain rule then gives
+    # ∂L/∂g_i = −2·e^{κ_1}·softmax(g_R)_i = −2·e^{g_i}/n and ∂L/∂g_j = 2·e^{2κ_2}·softmax(2g_S)_j = 2·e^{2g_j}/m.
+    one = torch.ones((), dtype=g_real.dtype, device=g_real.device)
+    terms = {"real": _Term(TILTED, g_real, t=one), "syn": _Term(TILTED, g_syn, t=2.0 * one)}
+    return terms, {"g_real": g_real.detach(), "g_syn": g_syn.detach()}
+
+
+def _chi2_combine(values: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    # −2·mean_R e^{g} + mean_S e^{2g} + 1 from the two κ; exp in the accumulation dtype (fp64),
+    # which overflows only when the loss itself is beyond fp64's range (g ≳ 354): then inf, and
+    # the trainer's non-finite guard skips the step.
+    return -2.0 * torch.exp(values["real"]) + torch.exp(2.0 * values["syn"]) + 1.0
 
 
 def chi2_loss(
@@ -733,20 +747,76 @@ def chi2_loss(
     stats: Optional[StepStats] = None,
     backend: str = "auto",
 ):
-    """χ² (SPIF-style) loss, the Pearson-χ² variational form (docs/math.md#baselines):
+    """χ² loss with the density-ratio witness (docs/math.md#baselines):
 
-        L = −mean_R h + mean_S (h + h²/4),   h = β·(s_θ − s_ref).
+        L = −2·mean_R e^{g} + mean_S e^{2g} + 1,   g = β·(s_θ − s_ref).
 
-    n ≠ m allowed; 0 at θ = θ_t. Metrics: ``loss``, ``real/mean_g``, ``syn/mean_g``, local.
-    Other arguments as :func:`iris_loss`.
+    It is −(the Pearson-χ² variational bound) with the witness h = 2(e^{g} − 1), whose pointwise
+    optimum h* = 2(p/q − 1) a ratio e^{g} = p_θ/p_θt CAN reach: at β = 1 the exact per-iteration
+    minimiser over a free model is p_data (one step), and at it −L = χ²(p_data ‖ p_θt).
+    0 at θ = θ_t. Computed stably in the log domain (each mean as a tilted risk, log-sum-exp with
+    the batch max; one exponentiation of each κ at the end, in fp64). n ≠ m allowed.
+    Metrics: ``loss``, ``chi2_bound`` (−L, a lower bound on χ²(p_data ‖ p_θt)), ``real/mean_g``, ``syn/mean_g``,
+    ``real/ess``, ``syn/ess`` (of the weights e^{g_i}, e^{2g_j}). Other arguments as :func:`iris_loss`.
     """
     _check_options(scope, backend)
     terms, extras = _chi2_terms(policy_real, policy_syn, ref_real, ref_syn, beta=beta)
     values, used = _reduce_terms("chi2", terms, scope=scope, group=group, stats=stats, backend=backend,
                                  hparams={"beta": beta})
+    loss = _chi2_combine(values).float()
+    if return_metrics:
+        m = {"loss": loss, "chi2_bound": -loss}
+        for name in ("real", "syn"):
+            st = used[name]
+            nan = st[NANS] > 0
+            m[f"{name}/mean_g"] = st[MEAN]
+            m[f"{name}/ess"] = torch.where(nan, torch.full_like(st[SUMEXP], float("nan")), st[SUMEXP] ** 2 / st[SUMEXP2])
+        return loss, _detached(m)
+    return loss
+
+
+def _chi2_logratio_terms(policy_real, policy_syn, ref_real, ref_syn, *, beta: float = 1.0):
+    _check_inputs(policy_real, policy_syn, ref_real, ref_syn)
+    beta = _check_positive("beta", beta)
+    h_real = _log_ratio(policy_real, ref_real, beta)
+    h_syn = _log_ratio(policy_syn, ref_syn, beta)
+    # Pearson-χ² variational form with h = g: ∂/∂h is −1 on data and 1 + h/2 on synthetic samples.
+    terms = {"real": _term_mean(-h_real), "syn": _term_mean(h_syn + 0.25 * h_syn * h_syn)}
+    return terms, {"g_real": h_real.detach(), "g_syn": h_syn.detach()}
+
+
+def chi2_logratio_loss(
+    policy_real: torch.Tensor,
+    policy_syn: torch.Tensor,
+    ref_real: torch.Tensor,
+    ref_syn: torch.Tensor,
+    *,
+    beta: float = 1.0,
+    return_metrics: bool = False,
+    scope: str = "rank",
+    group: Any = None,
+    stats: Optional[StepStats] = None,
+    backend: str = "auto",
+):
+    """The first "χ²" loss, kept under its honest name: the Pearson-χ² variational form with the
+    LOG-ratio as witness (docs/math.md#baselines):
+
+        L = −mean_R h + mean_S (h + h²/4),   h = β·(s_θ − s_ref).
+
+    A valid bound for any h, but its pointwise optimum h* = 2(p/q − 1) is a density-ratio witness
+    a log-ratio cannot reach, so its per-iteration optimum is NOT p_data (from KL 0.41 one exact
+    iteration reaches 0.043). Its first gradient at θ = θ_t equals IRIS's. n ≠ m allowed; 0 at
+    θ = θ_t. Metrics: ``loss``, ``chi2_bound`` (−L, a looser lower bound on χ²(p_data ‖ p_θt)),
+    ``real/mean_g``, ``syn/mean_g``, local. Other
+    arguments as :func:`iris_loss`.
+    """
+    _check_options(scope, backend)
+    terms, extras = _chi2_logratio_terms(policy_real, policy_syn, ref_real, ref_syn, beta=beta)
+    values, used = _reduce_terms("chi2_logratio", terms, scope=scope, group=group, stats=stats, backend=backend,
+                                 hparams={"beta": beta})
     loss = (values["real"] + values["syn"]).float()  # one rounding, after the terms are summed in fp64
     if return_metrics:
-        return loss, _mean_g_metrics(loss, values, used, extras)
+        return loss, _mean_g_metrics(loss, values, used, extras, "chi2_bound")
     return loss
 
 
@@ -825,6 +895,7 @@ LOSSES: Dict[str, Callable] = {
     "dpo": dpo_loss,
     "space": space_loss,
     "chi2": chi2_loss,
+    "chi2_logratio": chi2_logratio_loss,
     "sft": sft_loss,
 }
 
@@ -834,6 +905,7 @@ _TERM_BUILDERS: Dict[str, Callable] = {
     "dpo": _pair_terms,
     "space": _space_terms,
     "chi2": _chi2_terms,
+    "chi2_logratio": _chi2_logratio_terms,
     "sft": _sft_terms,
 }
 

@@ -7,24 +7,26 @@ for every schedule here:
   (and, for the adaptive schedule, of state that changes only between self-play iterations), so
   every micro-batch of a gradient-accumulation step sees the same α. The schedule never counts
   calls itself: the caller passes the optimizer step.
-* **Identical on every rank.** The per-step schedules depend on nothing but the step. The adaptive
-  schedule reads the gap from sums all-reduced over the process group before dividing.
+* **Identical on every rank.** The per-step schedules depend on nothing but the step. The
+  gap-adaptive schedule measures its gap on one rank and broadcasts it; the temperature-score
+  rule reads sums all-reduced over the process group before dividing.
 * **Deterministic and resumable.** ``state_dict()`` / ``load_state_dict()`` capture everything, so a
   resumed run produces the same α sequence bit for bit.
 
 α is returned as a Python float: the losses are exact at α ∈ {0, 1} only for float α, and a float
-costs no host sync per step. The adaptive schedule does one host sync per self-play iteration
-(in :meth:`GapAdaptiveAlpha.update_gap`, outside any optimizer step) to turn its gap into a float.
+costs no host sync per step. The adaptive schedules do one host round trip per self-play iteration
+(in ``update_gap``, outside any optimizer step) to turn their gap into a float.
 
 Example::
 
     sched = make_schedule({"type": "cosine", "alpha_start": 2.0, "alpha_end": 0.5, "num_steps": 1000})
     loss = iris_loss(pr, ps, rr, rs, alpha=sched.alpha(optimizer_step))
 
-    adaptive = make_schedule("adaptive")            # α_max = 2, α_min = 0.5
-    for batch in reference_pass:                    # once per self-play iteration
-        adaptive.accumulate_gap(ref_syn_token_mean, ref_real_token_mean)
-    adaptive.update_gap()                           # all-reduces, sets α for this iteration
+    adaptive = make_schedule("gap_adaptive")        # α_max = 2, α_min = 0.5; alias "adaptive"
+    # once per self-play iteration, on the held-out split's annotated and synthetic responses:
+    real = response_features(real_ids, ref_real_logps, real_finished, vocab_size=V)
+    syn = response_features(syn_ids, ref_syn_logps, syn_finished, vocab_size=V)
+    adaptive.update_gap(real, syn, seed=(run_seed, iteration))   # gathers, tests, broadcasts α
 """
 from __future__ import annotations
 
@@ -33,7 +35,8 @@ import math
 import numbers
 from typing import Any, Dict, Mapping, Optional, Union
 
-import torch
+from .adaptive_alpha import GapAdaptiveAlpha, TemperatureScoreAlpha, all_reduce_gap_sums
+from .schedule_base import AlphaSchedule, _check_alpha_value, _check_int, _check_step
 
 __all__ = [
     "AlphaSchedule",
@@ -41,86 +44,14 @@ __all__ = [
     "LinearAlpha",
     "CosineAlpha",
     "GapAdaptiveAlpha",
+    "TemperatureScoreAlpha",
     "SCHEDULES",
     "make_schedule",
     "all_reduce_gap_sums",
 ]
 
 
-# ----------------------------------------------------------------------------- validation helpers
-
-
-def _check_alpha_value(value: Any, name: str) -> float:
-    """α ∈ [0, ∞): negative α swaps the roles of the two IRIS terms (docs/math.md#objective), so it is an error."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    if value < 0.0:
-        raise ValueError(f"{name} must be >= 0 (alpha < 0 swaps the IRIS terms), got {value}")
-    return value
-
-
-def _check_int(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    value = int(value)
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def _check_step(step: Any) -> int:
-    return _check_int(step, "step", 0)
-
-
-# ----------------------------------------------------------------------------- schedules
-
-
-class AlphaSchedule:
-    """The common interface. Subclasses implement :meth:`alpha` and their config/state.
-
-    ``update_gap`` and ``accumulate_gap`` exist on every schedule so a training loop can call them
-    unconditionally; only :class:`GapAdaptiveAlpha` reads the gap.
-    """
-
-    name: str = ""
-
-    def alpha(self, step: Optional[int] = None) -> float:
-        raise NotImplementedError
-
-    def __call__(self, step: Optional[int] = None) -> float:
-        return self.alpha(step)
-
-    def accumulate_gap(self, syn_token_logps: torch.Tensor, real_token_logps: torch.Tensor) -> None:
-        """No-op except for the adaptive schedule."""
-
-    def update_gap(self, syn_token_logps=None, real_token_logps=None, *, group=None) -> Optional[float]:
-        """No-op except for the adaptive schedule; returns None."""
-        return None
-
-    # Subclasses list their constructor arguments here; state_dict stores them so that loading a
-    # checkpoint into a differently configured schedule is caught instead of silently diverging.
-    def _config(self) -> Dict[str, Any]:
-        raise NotImplementedError
-
-    def state_dict(self) -> Dict[str, Any]:
-        return {"type": self.name, "config": self._config()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if not isinstance(state, Mapping):
-            raise TypeError(f"state must be a mapping, got {type(state).__name__}")
-        if state.get("type") != self.name:
-            raise ValueError(f"state is for a {state.get('type')!r} schedule, this one is {self.name!r}")
-        if dict(state.get("config", {})) != self._config():
-            raise ValueError(
-                f"state config {dict(state.get('config', {}))} does not match this schedule's {self._config()}"
-            )
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self._config().items())
-        return f"{type(self).__name__}({args})"
+# ----------------------------------------------------------------------------- per-step schedules
 
 
 class ConstantAlpha(AlphaSchedule):
@@ -184,209 +115,16 @@ class CosineAlpha(_Interpolated):
         return 0.5 * (1.0 - math.cos(math.pi * frac))
 
 
-def all_reduce_gap_sums(sums: torch.Tensor, group=None) -> torch.Tensor:
-    """Sum ``sums`` over the ranks of ``group`` (in place, and returned); a no-op without distributed.
-
-    Every rank then divides the same fp64 totals, so the gap and α are bit-identical everywhere.
-    NCCL only reduces CUDA tensors, so the sums are moved to the current CUDA device for it.
-    """
-    if not isinstance(sums, torch.Tensor):
-        raise TypeError(f"sums must be a torch.Tensor, got {type(sums).__name__}")
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()):
-        return sums
-    if dist.get_world_size(group) == 1:
-        return sums
-    if dist.get_backend(group) == "nccl" and sums.device.type != "cuda":
-        on_device = sums.to(torch.device("cuda", torch.cuda.current_device()))
-        dist.all_reduce(on_device, op=dist.ReduceOp.SUM, group=group)
-        sums.copy_(on_device)
-        return sums
-    dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
-    return sums
-
-
-class GapAdaptiveAlpha(AlphaSchedule):
-    """α from the distributional gap between the opponent's own samples and the data (docs/math.md#alpha-schedule).
-
-        D̂_t = mean(s̄_θt over synthetic responses) − mean(s̄_θt over annotated responses)
-        α_t = α_min + (α_max − α_min) · clip(D̂_t / D̂_0, 0, 1)
-
-    s̄ is the per-token MEAN log-prob under the opponent θ_t (the reference model of iteration t),
-    so response length does not enter the gap. With one annotated and one synthetic response per
-    prompt, the difference of means is exactly the mean over prompts of s̄(x, y') − s̄(x, y); with
-    n ≠ m it is the natural generalisation. A larger gap gives a larger α (sharper, mode-covering
-    weights early); as the opponent approaches the data the gap shrinks and α → α_min.
-
-    Usage, once per self-play iteration, before its first optimizer step::
-
-        for each batch of the reference pass:  sched.accumulate_gap(syn_means, real_means)   # no sync
-        sched.update_gap()        # all-reduces the sums, sets α_t; one host sync
-        ... train the iteration with sched.alpha(step) ...
-
-    Reference gap D̂_0: the first finite gap measured (or ``reference_gap`` if given). Choices for
-    degenerate values, made so that α always stays in [α_min, α_max] or is NaN:
-
-    * D̂_0 ≤ 0: the opponent gives its own samples no more per-token likelihood than the data, so
-      there is no gap to close; the ratio is taken as 0 and α = α_min for the whole run (the smooth,
-      refinement end). Pass ``reference_gap`` to impose a scale instead.
-    * D̂_t ≤ 0 later (the opponent now fits the data better than its samples): clip gives α_min.
-    * D̂_t > D̂_0 (the gap grew): clip gives α_max.
-    * D̂_t NaN (NaN reference log-probs): α_t is NaN, so the NaN reaches the loss and the trainer's
-      NaN guard instead of being hidden. ±inf clips to α_max / α_min once D̂_0 exists; a non-finite
-      gap never becomes D̂_0 (α_t is NaN if there is no D̂_0 yet). An iteration with no samples on
-      any rank raises ValueError.
-
-    Before the first ``update_gap`` α = α_max: iteration 0's own gap is D̂_0, whose ratio is 1.
-    """
-
-    name = "adaptive"
-
-    def __init__(self, alpha_max: float = 2.0, alpha_min: float = 0.5, reference_gap: Optional[float] = None):
-        self.alpha_max = _check_alpha_value(alpha_max, "alpha_max")
-        self.alpha_min = _check_alpha_value(alpha_min, "alpha_min")
-        if self.alpha_min > self.alpha_max:
-            raise ValueError(
-                f"alpha_min ({self.alpha_min}) must be <= alpha_max ({self.alpha_max}): a larger gap must give a larger α"
-            )
-        if reference_gap is not None:
-            if isinstance(reference_gap, bool) or not isinstance(reference_gap, numbers.Real):
-                raise TypeError(f"reference_gap must be a real number or None, got {type(reference_gap).__name__}")
-            reference_gap = float(reference_gap)
-            if not math.isfinite(reference_gap):
-                raise ValueError(f"reference_gap must be finite, got {reference_gap}")
-        self._fixed_reference = reference_gap
-        self.reference_gap: Optional[float] = reference_gap  # D̂_0 once known
-        self.last_gap: Optional[float] = None  # D̂_t of the latest update
-        self.num_updates = 0
-        self._alpha = self.alpha_max
-        # [Σ s̄_syn, count_syn, Σ s̄_real, count_real], fp64 so that the sum of many batches and
-        # ranks does not lose the small difference D̂_t between two large-ish means.
-        self._sums: Optional[torch.Tensor] = None
-
-    # -- reading α
-
-    def alpha(self, step: Optional[int] = None) -> float:
-        # α depends on the iteration's gap only, never on the step: constant within every step.
-        if step is not None:
-            _check_step(step)
-        return self._alpha
-
-    @staticmethod
-    def alpha_from_gap(gap: float, reference_gap: float, alpha_min: float, alpha_max: float) -> float:
-        """The formula alone, with the degenerate cases of the class docstring."""
-        if math.isnan(gap):
-            return float("nan")
-        if not reference_gap > 0.0:
-            return alpha_min
-        ratio = min(max(gap / reference_gap, 0.0), 1.0)
-        return alpha_min + (alpha_max - alpha_min) * ratio
-
-    # -- feeding the gap
-
-    @staticmethod
-    def _as_flat(x: Any, name: str) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor of per-token mean log-probs, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"{name} must be a floating tensor, got {x.dtype}")
-        if x.dim() > 1:
-            raise ValueError(f"{name} must be 0-d or 1-d (one value per response), got shape {tuple(x.shape)}")
-        return x.detach().reshape(-1).double()
-
-    def accumulate_gap(self, syn_token_logps: torch.Tensor, real_token_logps: torch.Tensor) -> None:
-        """Add one batch's per-token MEAN opponent log-probs: synthetic [m] and annotated [n].
-
-        Device arithmetic only (no host sync); call it from the reference pass of the iteration.
-        From summed log-probs ``s`` and token counts ``c`` the means are ``s / c``
-        (``sequence_logprobs(..., length_normalize=True)`` returns them directly).
-        """
-        syn = self._as_flat(syn_token_logps, "syn_token_logps")
-        real = self._as_flat(real_token_logps, "real_token_logps")
-        if syn.device != real.device:
-            raise ValueError(f"syn_token_logps is on {syn.device} but real_token_logps is on {real.device}")
-        # Counts are known on the host; new_full writes them with a fill kernel, not a copy that
-        # could wait on the stream.
-        batch = torch.stack(
-            [syn.sum(), syn.new_full((), float(syn.numel())), real.sum(), real.new_full((), float(real.numel()))]
-        )
-        if self._sums is None:
-            self._sums = batch
-        else:
-            self._sums = self._sums.to(batch.device) + batch
-
-    def update_gap(self, syn_token_logps=None, real_token_logps=None, *, group=None) -> float:
-        """Close the iteration's gap measurement and set α_t; returns α_t.
-
-        Optionally adds one last batch first. All-reduces the four sums over ``group`` (a no-op
-        without torch.distributed) so that every rank computes the same D̂_t and α_t, then resets
-        the sums for the next iteration. One host sync, once per iteration.
-        """
-        if (syn_token_logps is None) != (real_token_logps is None):
-            raise ValueError("pass both syn_token_logps and real_token_logps, or neither")
-        if syn_token_logps is not None:
-            self.accumulate_gap(syn_token_logps, real_token_logps)
-        sums = self._sums if self._sums is not None else torch.zeros(4, dtype=torch.float64)
-        sums = all_reduce_gap_sums(sums.clone(), group=group)
-        syn_sum, syn_count, real_sum, real_count = sums.tolist()
-        if syn_count == 0 or real_count == 0:
-            raise ValueError(
-                "update_gap needs at least one synthetic and one annotated response across all ranks "
-                f"(got {int(syn_count)} synthetic, {int(real_count)} annotated); call accumulate_gap first"
-            )
-        gap = syn_sum / syn_count - real_sum / real_count
-        if self.reference_gap is None and math.isfinite(gap):
-            self.reference_gap = gap
-        self.last_gap = gap
-        if self.reference_gap is None:  # only possible when this gap is NaN/inf and none came before
-            self._alpha = float("nan")
-        else:
-            self._alpha = self.alpha_from_gap(gap, self.reference_gap, self.alpha_min, self.alpha_max)
-        self.num_updates += 1
-        self._sums = None
-        return self._alpha
-
-    # -- checkpointing
-
-    def _config(self) -> Dict[str, Any]:
-        return {"alpha_max": self.alpha_max, "alpha_min": self.alpha_min, "reference_gap": self._fixed_reference}
-
-    def state_dict(self) -> Dict[str, Any]:
-        state = super().state_dict()
-        state.update(
-            alpha=self._alpha,
-            measured_reference_gap=self.reference_gap,
-            last_gap=self.last_gap,
-            num_updates=self.num_updates,
-            # A checkpoint taken in the middle of a reference pass keeps its partial sums.
-            pending_sums=None if self._sums is None else self._sums.detach().cpu().clone(),
-        )
-        return state
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)
-        for key in ("alpha", "measured_reference_gap", "last_gap", "num_updates", "pending_sums"):
-            if key not in state:
-                raise ValueError(f"state is missing {key!r}")
-        self._alpha = float(state["alpha"])
-        self.reference_gap = None if state["measured_reference_gap"] is None else float(state["measured_reference_gap"])
-        self.last_gap = None if state["last_gap"] is None else float(state["last_gap"])
-        self.num_updates = int(state["num_updates"])
-        pending = state["pending_sums"]
-        if pending is not None and (not isinstance(pending, torch.Tensor) or pending.shape != (4,)):
-            raise ValueError("state['pending_sums'] must be None or a tensor of shape (4,)")
-        self._sums = None if pending is None else pending.to(torch.float64).clone()
-
-
 # ----------------------------------------------------------------------------- factory
 
 SCHEDULES = {
     "constant": ConstantAlpha,
     "linear": LinearAlpha,
     "cosine": CosineAlpha,
-    "adaptive": GapAdaptiveAlpha,
+    "gap_adaptive": GapAdaptiveAlpha,
+    "temperature_score": TemperatureScoreAlpha,
 }
-_ALIASES = {"gap_adaptive": "adaptive", "fixed": "constant"}
+_ALIASES = {"adaptive": "gap_adaptive", "fixed": "constant"}
 
 
 def make_schedule(
@@ -399,7 +137,7 @@ def make_schedule(
 
         make_schedule(0.5)                                   # ConstantAlpha(0.5)
         make_schedule("linear", alpha_start=2, alpha_end=0.5, num_steps=100)
-        make_schedule({"type": "adaptive", "alpha_max": 3.0})
+        make_schedule({"type": "gap_adaptive", "alpha_max": 3.0, "monotone": True})
     """
     if isinstance(config, AlphaSchedule):
         if kwargs:

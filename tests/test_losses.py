@@ -12,6 +12,7 @@ from hypothesis import given, strategies as st
 from iris_kernels.losses import (
     LOSSES,
     chi2_loss,
+    chi2_logratio_loss,
     dpo_loss,
     get_loss,
     iris_loss,
@@ -52,10 +53,16 @@ def ref_space(pr, ps, rr, rs, mu, beta):
     return -F.logsigmoid(r_r - math.log(mu)).mean() - mu * F.logsigmoid(math.log(mu) - r_s).mean()
 
 
-def ref_chi2(pr, ps, rr, rs, beta):
+def ref_chi2_logratio(pr, ps, rr, rs, beta):
     h_r = beta * (pr.double() - rr.double())
     h_s = beta * (ps.double() - rs.double())
     return -h_r.mean() + (h_s + h_s**2 / 4).mean()
+
+
+def ref_chi2(pr, ps, rr, rs, beta):
+    g_r = beta * (pr.double() - rr.double())
+    g_s = beta * (ps.double() - rs.double())
+    return -2 * g_r.exp().mean() + (2 * g_s).exp().mean() + 1
 
 
 def ref_sft(pr, tokens):
@@ -274,6 +281,7 @@ def test_space_and_chi2_match_reference(n, m, mu, beta, g_scale, seed):
     for fn, ref_fn, kw in (
         (space_loss, ref_space, {"mu": mu, "beta": beta}),
         (chi2_loss, ref_chi2, {"beta": beta}),
+        (chi2_logratio_loss, ref_chi2_logratio, {"beta": beta}),
     ):
         loss, gr, gs = _grads(fn, pr, ps, rr, rs, **kw)
         _, rgr, rgs = _grads(ref_fn, pr.double(), ps.double(), rr, rs, **kw)
@@ -302,19 +310,20 @@ def test_baselines_at_the_reference():
     assert spin_loss(*same, variant="hinge").item() == 1.0
     assert space_loss(*same).item() == pytest.approx(2 * math.log(2), rel=1e-7)
     assert chi2_loss(*same).item() == 0.0
+    assert chi2_logratio_loss(*same).item() == 0.0
 
 
 def test_baseline_metrics():
     pr, ps, rr, rs = make_batch(8, 8, 1.0, 0.1, seed=12)
     _, m = spin_loss(pr, ps, rr, rs, return_metrics=True)
     z = 0.1 * ((pr.double() - rr.double()) - (ps.double() - rs.double()))
-    assert set(m) == {"loss", "estimate", "real/mean_g", "syn/mean_g", "margin", "accuracy"}
+    assert set(m) == {"loss", "real/mean_g", "syn/mean_g", "margin", "accuracy"}  # −L estimates no divergence
     assert m["margin"].item() == pytest.approx(z.mean().item(), rel=1e-6)
     assert m["accuracy"].item() == pytest.approx((z > 0).double().mean().item())
-    for fn in (space_loss, chi2_loss):
+    for fn, bound in ((space_loss, "js_bound"), (chi2_loss, "chi2_bound"), (chi2_logratio_loss, "chi2_bound")):
         _, m = fn(pr, ps, rr, rs, return_metrics=True)
-        assert set(m) == {"loss", "estimate", "real/mean_g", "syn/mean_g"}
-        assert m["estimate"] == -m["loss"]
+        assert set(m) >= {"loss", bound, "real/mean_g", "syn/mean_g"} and "estimate" not in m
+        assert m[bound] == -m["loss"]
         assert m["real/mean_g"].item() == pytest.approx((pr.double() - rr.double()).mean().item(), rel=1e-6)
     _, m = sft_loss(pr, num_tokens_real=torch.full((8,), 3), return_metrics=True)
     assert set(m) == {"loss", "real/mean_s"}
@@ -403,14 +412,14 @@ def test_validation_errors():
 
 
 def test_registry():
-    assert set(LOSSES) == {"iris", "spin", "dpo", "space", "chi2", "sft"}
+    assert set(LOSSES) == {"iris", "spin", "dpo", "space", "chi2", "chi2_logratio", "sft"}
     for name, fn in LOSSES.items():
         assert get_loss(name) is fn
         params = inspect.signature(fn).parameters
         assert list(params)[:4] == ["policy_real", "policy_syn", "ref_real", "ref_syn"], name
         for kw in ("return_metrics", "scope", "group", "stats", "backend"):
             assert params[kw].kind is inspect.Parameter.KEYWORD_ONLY, (name, kw)
-    with pytest.raises(ValueError, match="chi2, dpo, iris, sft, space, spin"):
+    with pytest.raises(ValueError, match="chi2, chi2_logratio, dpo, iris, sft, space, spin"):
         get_loss("ipo")
     assert inspect.signature(spin_loss).parameters["beta"].default == 0.1
     assert inspect.signature(iris_loss).parameters["beta"].default == 1.0
@@ -439,3 +448,90 @@ def test_sft_takes_the_common_four_argument_call():
     pr = -torch.rand(5, generator=g, dtype=torch.float64) * 20
     loss = get_loss("sft")(pr, pr.flip(0), pr, pr)
     assert loss.item() == pytest.approx(-pr.mean().item(), rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- χ²: the one-step optimum
+def _free_categorical_step(loss_name, p_data, q, iters=300):
+    """argmin over a free categorical p_θ = softmax(z) of the loss's EXACT expectation (β = 1),
+    mean_R → E_{p_data}, mean_S → E_q, computed through the loss itself: a category k enters
+    both terms once, with its probability folded into the tilted terms' exponent
+    (E_p e^{g} = mean_k e^{g_k + log(K p_k)}, E_q e^{2g} = mean_k e^{2(g_k + ½ log(K q_k))})."""
+    K = p_data.shape[0]
+    z = q.log().clone().requires_grad_(True)  # start at θ = θ_t
+    opt = torch.optim.LBFGS([z], lr=1.0, max_iter=iters, tolerance_grad=1e-12, tolerance_change=1e-15,
+                            line_search_fn="strong_wolfe")
+    ref = q.log()
+
+    def closure():
+        opt.zero_grad()
+        logp = torch.log_softmax(z, 0)
+        loss = chi2_loss(logp + (K * p_data).log(), logp + 0.5 * (K * q).log(), ref, ref, backend="torch")
+        loss.backward()
+        return loss
+
+    for _ in range(20):  # restarts: the loss is flat along the small-q directions
+        opt.step(closure)
+    return torch.softmax(z.detach(), 0)
+
+
+def test_chi2_one_exact_step_reaches_p_data():
+    g = torch.Generator().manual_seed(0)
+    K = 12
+    p_data = torch.softmax(torch.randn(K, generator=g, dtype=torch.float64) * 1.5, 0)
+    q = torch.softmax(torch.randn(K, generator=g, dtype=torch.float64) * 1.5, 0)
+    kl0 = float((p_data * (p_data / q).log()).sum())
+    assert kl0 > 0.3  # far from the data to start with
+
+    def exact_loss(z):
+        logp = torch.log_softmax(z, 0)
+        return chi2_loss(logp + (K * p_data).log(), logp + 0.5 * (K * q).log(), q.log(), q.log(), backend="torch")
+
+    # Stationary at p_data (the expectation is convex in the ratio r = p_θ/q, so this is the minimum) ...
+    z = p_data.log().clone().requires_grad_(True)
+    loss = exact_loss(z)
+    (grad,) = torch.autograd.grad(loss, z)
+    assert grad.abs().max().item() < 1e-12
+    # ... where −L is χ²(p_data ‖ q) = Σ p²/q − 1 ...
+    assert -float(loss) == pytest.approx(float((p_data**2 / q).sum() - 1), rel=1e-6)
+    # ... below every perturbation of it ...
+    for k in range(50):
+        dz = torch.randn(K, generator=g, dtype=torch.float64) * (0.3 if k % 2 else 0.02)
+        assert float(exact_loss(p_data.log() + dz)) > float(loss)
+    # ... and an optimiser started at θ = θ_t gets there (limited by the fp32 loss value it sees).
+    p1 = _free_categorical_step("chi2", p_data, q)
+    assert float((p_data * (p_data / p1).log()).sum()) < 1e-3 * kl0
+
+
+def test_chi2_logratio_one_step_optimum_is_not_p_data():
+    """The old form's exact per-iteration minimiser: pointwise −p·h + q·(h + h²/4) with h = log r
+    and Σ q·r = 1, solved directly; it stops short of p_data (docs/math.md#baselines)."""
+    g = torch.Generator().manual_seed(0)
+    K = 12
+    p_data = torch.softmax(torch.randn(K, generator=g, dtype=torch.float64) * 1.5, 0)
+    q = torch.softmax(torch.randn(K, generator=g, dtype=torch.float64) * 1.5, 0)
+    z = q.log().clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([z], lr=1.0, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-15,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        h = torch.log_softmax(z, 0) - q.log()
+        loss = (-p_data * h).sum() + (q * (h + h * h / 4)).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    p1 = torch.softmax(z.detach(), 0)
+    kl1 = float((p_data * (p_data / p1).log()).sum())
+    assert kl1 > 1e-3  # not p_data
+    assert kl1 < float((p_data * (p_data / q).log()).sum())  # but closer than θ_t
+
+
+@pytest.mark.parametrize("g_scale", [5.0, 10.0])  # 2g up to ~60: e^{2g} within fp32, the returned loss dtype
+def test_chi2_is_finite_for_large_log_ratios(g_scale):
+    pr, ps, rr, rs = make_batch(7, 5, g_scale, 1.0, seed=3)
+    loss, gr, gs = _grads(chi2_loss, pr, ps, rr, rs)
+    _, rgr, rgs = _grads(ref_chi2, pr.double(), ps.double(), rr, rs, beta=1.0)
+    assert math.isfinite(loss.item())
+    assert loss.item() == pytest.approx(ref_chi2(pr, ps, rr, rs, 1.0).item(), rel=1e-6)
+    torch.testing.assert_close(gs.double(), rgs, rtol=1e-5, atol=0)

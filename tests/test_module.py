@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from iris_kernels import linear_logprobs, sequence_logprobs
 from iris_kernels.losses import get_loss, iris_loss, spin_loss
 from iris_kernels.module import SelfPlayLoss, split_rows, token_counts
-from iris_kernels.schedules import CosineAlpha, GapAdaptiveAlpha, LinearAlpha
+from iris_kernels.schedules import CosineAlpha, GapAdaptiveAlpha, LinearAlpha, TemperatureScoreAlpha
 
 BACKENDS = ["reference", "torch", "triton"]
 B, T, H, V = 4, 9, 32, 67
@@ -313,10 +313,10 @@ def test_schedule_drives_alpha(schedule):
 
 
 def test_schedule_state_travels_with_module_state_dict():
-    a = SelfPlayLoss("iris", alpha=GapAdaptiveAlpha())
+    a = SelfPlayLoss("iris", alpha=TemperatureScoreAlpha())
     a.schedule.update_gap(torch.tensor([-1.0]), torch.tensor([-3.0]))
     a.schedule.update_gap(torch.tensor([-1.0]), torch.tensor([-1.5]))
-    b = SelfPlayLoss("iris", alpha="adaptive")
+    b = SelfPlayLoss("iris", alpha="temperature_score")
     b.load_state_dict(a.state_dict())
     assert b.alpha() == a.alpha() == pytest.approx(0.5 + 1.5 * 0.25)
     with pytest.raises(ValueError, match="schedule"):
@@ -473,3 +473,13 @@ def test_cuda_fused_path_matches_torch_and_never_syncs(loss_type, hp):
 def test_loss_hyper_parameters_are_checked_at_construction(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         SelfPlayLoss(**kwargs)
+
+
+def test_unfed_gap_adaptive_schedule_raises_in_a_training_step():
+    """make_schedule("gap_adaptive") in one's own trainer: a loss call before update_gap is an
+    error naming what to do, not a silent α = α_max (issue 21 item 4)."""
+    hidden, weight, labels, _ = make_batch(seed=26)
+    ref = ref_from(hidden, weight, labels, seed=27)
+    crit = SelfPlayLoss("iris", alpha=GapAdaptiveAlpha(), backend="torch")
+    with pytest.raises(RuntimeError, match="not been fed.*update_gap"):
+        crit(hidden, weight, labels, num_real=2, ref_logps=ref, step=0)

@@ -79,7 +79,8 @@ def test_two_iterations_end_to_end(baseline):
         assert abs(first["loss"]) < 1e-5
         assert first["real/ess"] == pytest.approx(BATCH) and first["syn/ess"] == pytest.approx(BATCH)
     assert all(math.isfinite(r["loss"]) and not r["skipped"] for r in steps)
-    assert steps[0]["alpha"] == 2.0  # gap-adaptive: iteration 0's gap is D̂_0, ratio 1 -> α_max
+    for first in (steps[0], steps[STEPS]):  # the reference pass agrees with the training pass exactly
+        assert first["first_step_mean_abs_g"] == 0.0
 
     evals = {r["iteration"]: r for r in _metrics(out, "eval")}
     assert sorted(evals) == [-1, 0, 1]
@@ -88,6 +89,10 @@ def test_two_iterations_end_to_end(baseline):
         for key in ("nll", "accuracy", "reward_margin", "win_rate", "alpha", "ess_real", "ess_syn"):
             assert isinstance(evals[t][key], float), key
         assert 0 <= evals[t]["win_rate"] <= 1 and 1 <= evals[t]["ess_syn"] <= N_EVAL
+        # gap-adaptive v2 on the held-out split: α_t = ½ + 1.5·u_t, u_t from the classifier test
+        assert evals[t]["gap_N"] == 2 * N_EVAL and 0 <= evals[t]["gap_u"] <= 1
+        assert evals[t]["alpha"] == pytest.approx(0.5 + 1.5 * evals[t]["gap_u"])
+        assert isinstance(evals[t]["temperature_score"], float) and 0 <= evals[t]["gap_acc"] <= 1
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
 
     from transformers import AutoModelForCausalLM
@@ -265,3 +270,21 @@ def test_dropout_is_off_in_training_unless_kept(tmp_path, keep_dropout):
     else:
         assert first["loss"] == 0.0  # scored and trained by the same code without dropout
         assert first["real/ess"] == pytest.approx(BATCH) and first["syn/ess"] == pytest.approx(BATCH)
+
+
+def test_first_step_g_is_exactly_zero_in_bf16(tmp_path):
+    """At θ = θ_t the reference pass (training micro-batches, training forward, same autocast)
+    and the training pass agree bit for bit: the IRIS loss is exactly 0 and every weight exactly
+    uniform, in bf16 autocast, with per-token means and gradient accumulation too."""
+    out = tmp_path / "bf16"
+    _ok(_run(out, "--train.mixed_precision", "'bf16'", "--train.iterations", "1", "--loss.length_normalize", "true",
+             "--train.per_device_batch_size", "4", "--train.gradient_accumulation_steps", "2",
+             "--eval.batch_size", "5", "--eval.at_start", "false"))
+    first = _metrics(out, "train")[0]
+    assert first["step_in_iteration"] == 1
+    assert first["first_step_mean_abs_g"] == 0.0
+    assert first["loss"] == 0.0
+    assert first["real/ess"] == BATCH and first["syn/ess"] == BATCH
+    assert first["real/max_weight"] == 1 / BATCH and first["syn/max_weight"] == 1 / BATCH
+    rows = read_jsonl(out / "iter_0" / "reference-train-layout-r0of1.jsonl")
+    assert sorted(r["prompt_id"] for r in rows) == list(range(N_TRAIN))

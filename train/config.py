@@ -92,13 +92,18 @@ class GenerationConfig:
 
 @dataclass
 class LossConfig:
-    name: str = "iris"  # iris | spin | space | chi2 | dpo | sft
+    name: str = "iris"  # iris | spin | space | chi2 (ratio witness) | chi2_logratio (the first χ²) | dpo | sft
     beta: float = 1.0
-    # α schedule (IRIS only): adaptive (gap-adaptive) | constant | linear | cosine
+    # α schedule (IRIS only): adaptive (= gap_adaptive: the classifier two-sample gap on the held-out
+    # split) | temperature_score (the first adaptive rule, D̂; kept to reproduce old runs) | constant |
+    # linear | cosine
     alpha_schedule: str = "adaptive"
     alpha: float = 1.0  # constant schedule
     alpha_max: float = 2.0  # adaptive schedule, and the start of linear/cosine
     alpha_min: float = 0.5  # adaptive schedule, and the end of linear/cosine
+    gap_u_ref: float = 1.0  # gap_adaptive: α = α_min + (α_max − α_min)·clip(u_t / u_ref, 0, 1)
+    gap_relative: bool = False  # gap_adaptive: u_ref = max(u_0, 2/√N) instead of gap_u_ref
+    gap_monotone: bool = False  # gap_adaptive: α_t = min(α_{t−1}, α_t)
     scope: str = "global"  # normalisation scope: micro | rank | global
     length_normalize: bool = False  # per-token mean instead of sum of response log-probs
     options: Dict[str, Any] = field(default_factory=dict)  # extra keyword arguments of the loss
@@ -176,8 +181,8 @@ class Config:
 _CHOICES = {
     "model.torch_dtype": ("float32", "bfloat16", "float16", "auto"),
     "generation.backend": ("hf", "vllm"),
-    "loss.name": ("iris", "spin", "space", "chi2", "dpo", "sft"),
-    "loss.alpha_schedule": ("adaptive", "gap_adaptive", "constant", "linear", "cosine"),
+    "loss.name": ("iris", "spin", "space", "chi2", "chi2_logratio", "dpo", "sft"),
+    "loss.alpha_schedule": ("adaptive", "gap_adaptive", "temperature_score", "constant", "linear", "cosine"),
     "loss.scope": ("micro", "rank", "global"),
     "optim.optimizer": ("rmsprop", "adamw"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
@@ -379,6 +384,11 @@ def _check_values(cfg: Config) -> None:
     if cfg.loss.alpha_min > cfg.loss.alpha_max:
         raise ConfigError(
             f"config key 'loss.alpha_min' ({cfg.loss.alpha_min}) must be <= 'loss.alpha_max' ({cfg.loss.alpha_max})")
+    if not 0 < cfg.loss.gap_u_ref <= 1:
+        raise ConfigError(f"config key 'loss.gap_u_ref' must be in (0, 1], got {cfg.loss.gap_u_ref}")
+    if cfg.loss.name == "iris" and cfg.loss.alpha_schedule in ("adaptive", "gap_adaptive") and cfg.data.eval is None:
+        raise ConfigError("config key 'loss.alpha_schedule' (adaptive) measures the gap on the held-out split: "
+                          "set 'data.eval', or choose another schedule")
     if cfg.data.max_prompt_length >= cfg.data.max_length:
         raise ConfigError(
             f"config key 'data.max_prompt_length' ({cfg.data.max_prompt_length}) must be < "

@@ -34,8 +34,15 @@ from .modeling import body_hidden_states, output_projection
 
 def build_alpha_schedule(cfg: LossConfig, total_steps: int):
     name = cfg.alpha_schedule
+    if cfg.name != "iris":
+        # Only IRIS reads α; an adaptive schedule here would measure a gap nobody uses (and a
+        # held-out split the other losses do not need).
+        return make_schedule("constant", alpha=cfg.alpha)
     if name in ("adaptive", "gap_adaptive"):
-        return make_schedule("adaptive", alpha_max=cfg.alpha_max, alpha_min=cfg.alpha_min)
+        return make_schedule("gap_adaptive", alpha_max=cfg.alpha_max, alpha_min=cfg.alpha_min, u_ref=cfg.gap_u_ref,
+                             relative=cfg.gap_relative, monotone=cfg.gap_monotone)
+    if name == "temperature_score":
+        return make_schedule("temperature_score", alpha_max=cfg.alpha_max, alpha_min=cfg.alpha_min)
     if name == "constant":
         return make_schedule("constant", alpha=cfg.alpha)
     # linear / cosine: from alpha_max at the first step of the run to alpha_min at its last.
@@ -77,6 +84,17 @@ class PolicyLoss(nn.Module):
         # this wrapper, not the model. Forwarding it makes every decoder layer its own FSDP unit.
         return getattr(self.model, "_no_split_modules", None)
 
+    def sequence_logps(self, input_ids, attention_mask, labels) -> torch.Tensor:
+        """[2B] the per-row log-probs exactly as :meth:`forward` feeds them to the loss (same body,
+        lm_head, kernel and options; per-token means under ``length_normalize``): the reference
+        pass calls this on the training micro-batches so that g = 0 bit for bit at θ = θ_t."""
+        from iris_kernels.sharding import full_weights
+
+        hidden = body_hidden_states(self.model, input_ids, attention_mask)
+        hidden, weight, bias, _ = output_projection(self.model, hidden)
+        weight, bias = full_weights(hidden, weight=weight, bias=bias)
+        return self.criterion._seq_logps(hidden, weight, labels, bias, None)
+
     def forward(self, input_ids, attention_mask, labels, ref_logps, *, num_real: int, step=None, stats=None,
                 normalizer=None):
         hidden = body_hidden_states(self.model, input_ids, attention_mask)
@@ -107,6 +125,12 @@ class Objective:
             if not (ex.prompt_sha == syn["prompt_sha"] == ref["prompt_sha"]):
                 raise ValueError(f"prompt {ex.prompt_id}: generated / scored rows belong to a different prompt")
         batch = pair_batch(examples, [r["response_ids"] for r in synthetic], pad_id, max_length)
+        if all("loss_ref_real" in r for r in reference):
+            # Scored by PolicyLoss.sequence_logps on this very micro-batch layout (train/scoring.py):
+            # already in the loss's units, and equal bit for bit to the policy's values at θ = θ_t.
+            batch["ref_logps"] = torch.tensor([r["loss_ref_real"] for r in reference]
+                                              + [r["loss_ref_syn"] for r in reference], dtype=torch.float32)
+            return batch
         ref = torch.tensor([r["ref_real"] for r in reference] + [r["ref_syn"] for r in reference], dtype=torch.float32)
         if self.criterion.length_normalize:
             # The stored reference is a sum; the policy side is a per-token mean under this option.
@@ -114,6 +138,21 @@ class Objective:
             ref = ref / torch.tensor(counts, dtype=torch.float32).clamp(min=1)
         batch["ref_logps"] = ref
         return batch
+
+    @torch.no_grad()
+    def abs_g_sums(self, module: "PolicyLoss", micro_batches: List[Dict], *, autocast=nullcontext) -> torch.Tensor:
+        """[Σ|g|, count] (fp64, on the micro-batches' device) of g = β·(s_θ − s_ref) over the rows
+        of these micro-batches, in the loss's units: at the first step of an iteration θ = θ_t, so
+        any value ≠ 0 is the reference pass's numerical disagreement with the training pass."""
+        beta = self.criterion.beta if self.criterion.beta is not None else 1.0
+        total = None
+        for mb in micro_batches:
+            with autocast():
+                s = module.sequence_logps(mb["input_ids"], mb["attention_mask"], mb["labels"])
+            g = beta * (s.double() - mb["ref_logps"].to(s.device).double())
+            part = torch.stack([g.abs().sum(), g.new_full((), float(g.numel()))])
+            total = part if total is None else total + part
+        return total
 
     def forward_backward(self, wrapped, micro_batches: List[Dict], *, step: int, autocast=nullcontext):
         """Forward and backward of one optimizer step; returns (the step's loss, its metrics), detached.

@@ -6,7 +6,8 @@
 
 Iteration t, with θ_t the current model (θ_0 from the config):
   a. generate  one sampled response per prompt (train and held-out) with θ_t  -> iter_t/generated-*.jsonl
-  b. score     s_θt of every annotated and synthetic response, once           -> iter_t/reference-*.jsonl
+  b. score     s_θt of every annotated and synthetic response, once (training rows in their training
+               micro-batches, through the training forward)  -> iter_t/reference-train-layout-*, reference-heldout-*
   c. train     θ_{t+1} from θ_t with the self-play loss, the opponent being the numbers of b
                (one model in memory)                                          -> iter_t/model/, iter_t/TRAINED
   d. evaluate  θ_{t+1} on the held-out split                                   -> metrics.jsonl, TensorBoard
@@ -46,7 +47,9 @@ from train.modeling import (SequenceLogprobs, build_initial_model, load_checkpoi
                             save_model)
 from train.objective import Objective, build_alpha_schedule
 from train.optim import lr_for_iteration, make_optimizer, step_or_skip, warmup_linear_decay
-from train.scoring import reference_logprobs
+from train.scoring import (heldout_gap_features, load_training_layout, reference_logprobs, score_in_training_layout,
+                           training_layout)
+from iris_kernels.schedules import GapAdaptiveAlpha, TemperatureScoreAlpha
 from train.shards import load_sharded, run_sharded
 from train.trl_export import write_trl_pairs
 
@@ -253,6 +256,20 @@ def main(argv=None) -> None:
         # ------------------------------------------------------------ b. score both responses under θ_t, once
         reference = {}
         for split, examples in splits.items():
+            if split == "train":
+                # In the training micro-batches, through the training forward: g = 0 exactly at θ = θ_t.
+                if not trained:
+                    layout = training_layout(len(examples), per_device=cfg.train.per_device_batch_size,
+                                             accumulation=cfg.train.gradient_accumulation_steps, world=world,
+                                             seed=cfg.seed, iteration=t)
+                    score_in_training_layout(objective.training_module(model), examples, synthetic[split],
+                                             batches=layout[rank], out_dir=it, rank=rank, world=world,
+                                             pad_id=tokenizer.pad_token_id, max_length=cfg.data.max_length,
+                                             autocast=autocast, length_normalize=objective.criterion.length_normalize,
+                                             log=log)
+                    accelerator.wait_for_everyone()
+                reference[split] = load_training_layout(examples, out_dir=it, world=world)
+                continue
             if not trained:
                 def score(batch, _syn=synthetic[split]):
                     return reference_logprobs(seq_model, batch, [_syn[e.prompt_id] for e in batch],
@@ -275,13 +292,9 @@ def main(argv=None) -> None:
             global_step, alpha = state["global_step"], state["alpha"]
             alpha_schedule.load_state_dict(state["alpha_schedule"])
         else:
-            # α_t: the gap-adaptive schedule reads the opponent's per-token log-prob gap between its
-            # own samples and the data (all-reduced: every rank gets the same α).
-            mine = reference["train"][rank::world]
-            alpha_schedule.accumulate_gap(
-                torch.tensor([r["ref_syn"] / max(r["n_syn"], 1) for r in mine], dtype=torch.float64),
-                torch.tensor([r["ref_real"] / max(r["n_real"], 1) for r in mine], dtype=torch.float64))
-            alpha_schedule.update_gap()
+            feed_alpha_schedule(alpha_schedule, splits, synthetic, reference, stop_ids=stop_ids,
+                                vocab_size=model.config.vocab_size, seed=cfg.seed, iteration=t, rank=rank,
+                                world=world)
 
             optimizer = make_optimizer(model.parameters(), cfg.optim, lr_for_iteration(cfg.optim, t))
             warmup = int(cfg.optim.warmup_ratio * steps_per_iteration)
@@ -311,6 +324,14 @@ def main(argv=None) -> None:
                                                   rank=rank, world=world, seed=cfg.seed, iteration=t)
                 ]
                 alpha = alpha_schedule.alpha(progress.global_step)
+                first_abs_g = None
+                if progress.step_in_iteration == 0 and cfg.loss.name != "sft":
+                    # θ = θ_t: g should be exactly 0. Mean |g| over every rank's rows of this step
+                    # measures the reference pass's disagreement with the training pass (logged).
+                    sums = objective.abs_g_sums(train_module, [{k: v.to(accelerator.device) for k, v in mb.items()}
+                                                               for mb in micro], autocast=autocast)
+                    sums = accelerator.reduce(sums, "sum")
+                    first_abs_g = float(sums[0] / sums[1])
                 loss, step_metrics = objective.forward_backward(wrapped, micro, step=progress.global_step,
                                                                 autocast=autocast)
                 grad_norm = accelerator.clip_grad_norm_(
@@ -335,6 +356,8 @@ def main(argv=None) -> None:
                               **({"alpha": alpha} if uses_alpha else {}),
                               "lr": lr, "grad_norm": float(grad_norm), "skipped": skipped}
                     record.update({k: float(v) for k, v in step_metrics.items()})
+                    if first_abs_g is not None:
+                        record["first_step_mean_abs_g"] = first_abs_g
                     metrics.log(record)
                     bar.set_postfix(loss=f"{float(loss):.4f}", **({"alpha": f"{alpha:.3g}"} if uses_alpha else {}))
                 if skipped:
@@ -379,8 +402,7 @@ def main(argv=None) -> None:
         # ------------------------------------------------------------ d. evaluate θ_{t+1} against θ_t
         # ESS of the IRIS weights over the held-out set needs α; the other losses have none.
         result = run_eval(t, synthetic.get("heldout"), reference.get("heldout"), alpha if uses_alpha else None)
-        if uses_alpha:
-            result["gap"] = getattr(alpha_schedule, "last_gap", None)
+        result.update(alpha_schedule_metrics(alpha_schedule))
         if cfg.eval.lm_eval.tasks:  # train/lm_eval_support.py: the saved θ_{t+1}, main process only
             if is_main:
                 result.update(iteration_scores(it, cfg.eval.lm_eval, out_dir=out, device=str(accelerator.device),
@@ -405,6 +427,41 @@ def main(argv=None) -> None:
 
     metrics.close()
     log(f"finished {iterations} iterations in {out}")
+
+
+def feed_alpha_schedule(schedule, splits, synthetic, reference, *, stop_ids, vocab_size: int, seed: int,
+                        iteration: int, rank: int, world: int) -> None:
+    """Set α_t of an adaptive schedule, once per iteration before its first step (others: nothing).
+
+    gap_adaptive: the classifier two-sample test on the HELD-OUT split's annotated and synthetic
+    responses (each rank passes its strided rows; the schedule gathers, tests on one rank and
+    broadcasts). temperature_score (the first rule, to reproduce old runs): the opponent's per-token
+    log-prob gap on the training rows, all-reduced, as it always was.
+    """
+    if isinstance(schedule, GapAdaptiveAlpha):
+        real, syn = heldout_gap_features(splits["heldout"], synthetic["heldout"], reference["heldout"],
+                                         stop_ids=stop_ids, vocab_size=vocab_size, rank=rank, world=world)
+        mine = list(range(rank, len(splits["heldout"]), world))  # heldout_gap_features' rows: the prompt ids
+        schedule.update_gap(real, syn, seed=(seed, iteration), real_keys=mine, syn_keys=mine)
+    elif isinstance(schedule, TemperatureScoreAlpha):
+        mine = reference["train"][rank::world]
+        schedule.accumulate_gap(
+            torch.tensor([r["ref_syn"] / max(r["n_syn"], 1) for r in mine], dtype=torch.float64),
+            torch.tensor([r["ref_real"] / max(r["n_real"], 1) for r in mine], dtype=torch.float64))
+        schedule.update_gap()
+
+
+def alpha_schedule_metrics(schedule) -> dict:
+    """What the adaptive schedule measured this iteration, for the eval record (empty otherwise).
+
+    temperature_score = mean s̄_θt(synthetic) − mean s̄_θt(annotated), per-token opponent
+    log-probs: < 0 the opponent is too flat, > 0 too sharp; not a distance (docs/math.md#alpha-schedule).
+    """
+    if isinstance(schedule, GapAdaptiveAlpha):
+        return dict(schedule.last_metrics)
+    if isinstance(schedule, TemperatureScoreAlpha):
+        return {"temperature_score_train": schedule.last_gap}
+    return {}
 
 
 def describe_parallelism(accelerator) -> str:
@@ -449,8 +506,16 @@ EVAL_KEYS = {
     "ess_syn": "the same for the synthetic responses, w = softmax(alpha g) (IRIS only)",
     "ess_real_frac": "ess_real / prompts: 1 = uniform weights, 1/prompts = one response takes all (IRIS only)",
     "ess_syn_frac": "ess_syn / prompts (IRIS only)",
-    "gap": "the opponent's per-token log-prob gap between its own samples and the data, which sets the "
-           "adaptive alpha (IRIS only)",
+    # The adaptive alpha's measurements (IRIS with alpha_schedule gap_adaptive / temperature_score):
+    "gap_u": "debiased lower bound on TV(p_data, p_opponent) from a classifier two-sample test on the held-out "
+             "annotated vs synthetic responses, u = clip(2 acc - 1 - 0.4/sqrt(N), 0, 1); sets alpha (gap_adaptive)",
+    "gap_acc": "that classifier's 2-fold held-out accuracy (0.5 = the two sides look alike)",
+    "gap_ce": "that classifier's held-out cross-entropy in nats (log 2 = chance)",
+    "gap_N": "rows in the two-sample test (annotated + synthetic)",
+    "temperature_score": "mean per-token opponent log-prob of its own samples minus that of the data, on the "
+                         "held-out split: < 0 too flat, > 0 too sharp; not a distance (docs/math.md#alpha-schedule)",
+    "temperature_score_train": "the same on the training rows: what alpha_schedule temperature_score (the first "
+                               "rule, kept to reproduce old runs) uses",
 }
 
 
@@ -472,12 +537,26 @@ def metrics_legend(cfg) -> str:
         lines.append("the training loss shown in the progress bar is the IRIS loss -J_alpha, the negated estimate of "
                      "a lower bound on the Renyi divergence between the data and the opponent (docs/math.md#objective): "
                      "negative values are normal, and lower is better")
+    bounds = {"space": "js_bound = -loss, a lower bound on 2 JS(data, opponent) - log 4",
+              "chi2": "chi2_bound = -loss, a lower bound on the chi-square divergence of the data from the opponent",
+              "chi2_logratio": "chi2_bound = -loss, a (loose) lower bound on the chi-square divergence",
+              "spin": "SPIN's loss estimates no divergence (a logistic loss of the reward margin)",
+              "dpo": "DPO's loss estimates no divergence (a logistic loss of the reward margin)"}
+    if cfg.loss.name in bounds:
+        lines.append(bounds[cfg.loss.name] + " (docs/math.md#divergence-estimates)")
+    if cfg.loss.name == "iris" and cfg.loss.alpha_schedule in ("adaptive", "gap_adaptive"):
+        lines.append("gap_u = u_t, a debiased lower bound on the total variation between the held-out annotated and "
+                     "synthetic responses (classifier accuracy gap_acc); alpha = alpha_min + (alpha_max - alpha_min) "
+                     "u_t / u_ref; temperature_score < 0: the opponent is too flat, > 0 too sharp, not a distance "
+                     "(docs/math.md#alpha-schedule)")
+    lines.append("first_step_mean_abs_g (train records) = mean |g| at an iteration's first step, where theta = "
+                 "theta_t: 0 exactly unless the reference pass disagrees with the training pass")
     return "\n    ".join(lines)
 
 
 def format_metrics(m: dict) -> str:
-    keys = ("nll", "accuracy", "choice_accuracy", "reward_margin", "win_rate", "alpha", "ess_real_frac",
-            "ess_syn_frac")
+    keys = ("nll", "accuracy", "choice_accuracy", "reward_margin", "win_rate", "alpha", "gap_u", "gap_acc",
+            "temperature_score", "ess_real_frac", "ess_syn_frac", "first_step_mean_abs_g")
     return ", ".join(f"{k} {m[k]:.4g}" for k in keys if isinstance(m.get(k), (int, float)))
 
 

@@ -68,7 +68,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..logprobs import host_scored_count, sequence_logprobs, shift_labels
 from ..module import SelfPlayLoss
-from ..schedules import GapAdaptiveAlpha, make_schedule
+from ..schedules import TemperatureScoreAlpha, make_schedule
 from .adapters import head_weight
 from .dropout import disable_dropout
 
@@ -76,7 +76,7 @@ __all__ = ["SelfPlayConfig", "SelfPlayTrainer", "SELFPLAY_LOSSES", "STATE_FILE"]
 
 IGNORE_INDEX = -100
 SELFPLAY_LOSSES = ("iris", "spin", "space", "chi2", "dpo")
-ALPHA_SCHEDULES = ("constant", "linear", "cosine", "adaptive")
+ALPHA_SCHEDULES = ("constant", "linear", "cosine", "temperature_score", "adaptive")
 SCOPES = ("micro", "rank", "global")
 STATE_FILE = "iris_selfplay_state.pt"
 # Config attributes that scale the logits before the softmax, which sequence_logprobs does not apply.
@@ -93,10 +93,13 @@ class SelfPlayConfig(DPOConfig):
         beta: β > 0 of g = β·(s_θ − s_ref); None (default) keeps the loss's own default
             (IRIS, SPACE, χ² 1.0; SPIN, DPO 0.1). Not DPOConfig's 0.1 default, on purpose.
         alpha_schedule: "constant" (``alpha``), "linear" / "cosine" (``alpha_max`` → ``alpha_min``
-            over ``alpha_num_steps``, default: the run's optimizer steps) or "adaptive" (α from
-            the opponent's per-token log-prob gap between synthetic and annotated responses,
-            measured on the precomputed reference log-probs when ``train()`` starts; needs
-            ``precompute_ref_log_probs=True`` or reference columns in the dataset). IRIS only.
+            over ``alpha_num_steps``, default: the run's optimizer steps) or "temperature_score"
+            (alias "adaptive": α from the opponent's per-token log-prob gap D̂ between synthetic
+            and annotated responses, measured on the precomputed reference log-probs when
+            ``train()`` starts; needs ``precompute_ref_log_probs=True`` or reference columns in the
+            dataset). D̂ is a temperature score, not a distance (docs/math.md#alpha-schedule); the
+            gap-adaptive schedule needs held-out synthetic responses, which train/selfplay.py
+            has and this trainer does not. IRIS only.
         alpha, alpha_min, alpha_max: α ≥ 0 (dimensionless), alpha_min ≤ alpha_max.
         scope: normalisation of the IRIS weights and the baselines' means: "micro" (each
             micro-batch), "rank" (the optimizer step on this process) or "global" (the step on
@@ -199,8 +202,11 @@ def build_alpha_schedule(args: SelfPlayConfig, num_steps: int):
         return None
     if args.alpha_schedule == "constant":
         return make_schedule("constant", alpha=args.alpha)
-    if args.alpha_schedule == "adaptive":
-        return make_schedule("adaptive", alpha_max=args.alpha_max, alpha_min=args.alpha_min)
+    if args.alpha_schedule in ("adaptive", "temperature_score"):
+        # The trainer sees no held-out synthetic responses, which the gap-adaptive schedule's
+        # classifier test needs (train/selfplay.py has them): "adaptive" here has always been, and
+        # stays, the opponent's temperature score D̂ (not a distance; docs/math.md#alpha-schedule).
+        return make_schedule("temperature_score", alpha_max=args.alpha_max, alpha_min=args.alpha_min)
     return make_schedule(args.alpha_schedule, alpha_start=args.alpha_max, alpha_end=args.alpha_min,
                          num_steps=max(int(args.alpha_num_steps or num_steps), 1))
 
@@ -322,7 +328,7 @@ class SelfPlayTrainer(DPOTrainer):
         self.selfplay_loss = build_selfplay_loss(
             args, num_steps=self._run_steps(), softcap=_softcap(self._hf_model(self.model).config)
         )
-        if isinstance(self.selfplay_loss.schedule, GapAdaptiveAlpha) and not _has_ref_columns(self.train_dataset):
+        if isinstance(self.selfplay_loss.schedule, TemperatureScoreAlpha) and not _has_ref_columns(self.train_dataset):
             raise ValueError(
                 "SelfPlayConfig.alpha_schedule='adaptive' reads the opponent's gap from the reference log-probs: "
                 "set precompute_ref_log_probs=True, or give ref_chosen_logps / ref_rejected_logps columns"
@@ -519,7 +525,7 @@ class SelfPlayTrainer(DPOTrainer):
     # ------------------------------------------------------------------------- α: adaptive gap, checkpoints
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        if isinstance(self.selfplay_loss.schedule, GapAdaptiveAlpha) and not resume_from_checkpoint:
+        if isinstance(self.selfplay_loss.schedule, TemperatureScoreAlpha) and not resume_from_checkpoint:
             self._measure_gap()
         # A fresh run without ref_model starts at its own reference: check that on the first batch.
         self._check_reference = not resume_from_checkpoint and self.ref_model is None

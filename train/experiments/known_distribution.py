@@ -51,13 +51,13 @@ ROOT = Path(__file__).resolve().parents[2]
 PRESET = ROOT / "train" / "configs" / "known-distribution.yaml"
 
 METHODS = {  # name -> harness overrides (besides the learning rate)
-    "iris_adaptive": {"loss.name": "iris", "loss.alpha_schedule": "adaptive"},
+    "iris_adaptive": {"loss.name": "iris", "loss.alpha_schedule": "temperature_score"},
     "iris_a0.5": {"loss.name": "iris", "loss.alpha_schedule": "constant", "loss.alpha": 0.5},
     "iris_a1": {"loss.name": "iris", "loss.alpha_schedule": "constant", "loss.alpha": 1.0},
     "iris_a2": {"loss.name": "iris", "loss.alpha_schedule": "constant", "loss.alpha": 2.0},
     "spin": {"loss.name": "spin", "loss.beta": 0.1},
     "space": {"loss.name": "space", "loss.beta": 1.0},
-    "chi2": {"loss.name": "chi2", "loss.beta": 1.0},
+    "chi2": {"loss.name": "chi2_logratio", "loss.beta": 1.0},  # the χ² form this miniature ran (now chi2_logratio)
     # SFT ignores the synthetic responses: one sampled token keeps the harness's phase a cheap.
     "sft_cont": {"loss.name": "sft", "generation.max_new_tokens": 1},
 }
