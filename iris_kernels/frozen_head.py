@@ -23,10 +23,11 @@ Precision: p = exp((z - lse) - lse_lo) in fp32 from fp32 logits (never rounded t
 rounded once to the weight's dtype for the cuBLAS product (fp32 accumulation and output), the
 same rounding the workspace backward's dZ gets; G is stored in fp32.
 
-Memory: G is fp32 [rows, H], N x H x 4 bytes (128 MiB at N 16384, H 2048), saved instead of the
-hidden states (N x H x 2 in bf16) that the default path saves: + N x H x 2 bytes, less than one
-[C, V] fp32 logits chunk of the default 1 GiB budget. Storing G in bf16 would save that but
-round the gradient a second time before the caller's own cast. Per chunk, besides the split
+Memory: G is fp32 [rows, H], N x H x 4 bytes (128 MiB at N 16384, H 2048), saved in addition to
+the hidden states the default path also keeps (they stay referenced so that a second
+differentiation raises instead of returning 0): less than one [C, V] fp32 logits chunk of the
+default 1 GiB budget, and the backward allocates no workspace at all. Storing G in bf16 would
+halve it but round the gradient a second time before the caller's own cast. Per chunk, besides the split
 forward's [C, V] fp32 logits, one more [C, V] fp32 buffer for c (soft-cap only) and the [C, V]
 cast of d in the weight's dtype.
 
@@ -151,7 +152,9 @@ class FrozenHeadLinearLogprobs(torch.autograd.Function):
         ctx.shape = (N, H)
         ctx.hidden_dtype = hidden.dtype
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(weight, targets, rows, t_safe, scored, c_t, grad_rows)
+        # hidden is saved only so that no_double_backward sees the gradient's dependence on it (a
+        # second differentiation must raise, not return a silent 0); no copy, it is the input.
+        ctx.save_for_backward(hidden, weight, targets, rows, t_safe, scored, c_t, grad_rows)
         return logp, lse, entropy
 
     @staticmethod
@@ -159,7 +162,7 @@ class FrozenHeadLinearLogprobs(torch.autograd.Function):
     @no_autocast
     def backward(ctx, grad_logp, grad_lse, grad_entropy):
         # Only scaling: dh = c_lp G + c_lse (c_t W_t / T - G) per row (module docstring).
-        weight, targets, rows, t_safe, scored, c_t, grad_rows = ctx.saved_tensors
+        _, weight, targets, rows, t_safe, scored, c_t, grad_rows = ctx.saved_tensors
         params: LogprobsParams = ctx.params
         N, H = ctx.shape
         if not ctx.needs_input_grad[0] or (grad_logp is None and grad_lse is None):
