@@ -111,6 +111,7 @@ class FrozenHeadLinearLogprobs(torch.autograd.Function):
         inv_t = 1.0 / params.temperature
         cap = params.softcap
         w_up_cache = []
+        bias32 = None if bias is None else bias.float()  # once per call, not per chunk
 
         def w_up():  # fp32 weight, made once per call, only where no fp32-output product exists
             if not w_up_cache:
@@ -119,8 +120,8 @@ class FrozenHeadLinearLogprobs(torch.autograd.Function):
 
         def on_chunk(start, stop, y, lse, lse_lo):
             # y: fp32 [c, V] raw logits h W^T of rows start:stop, overwritten in place below.
-            if bias is not None:
-                y += bias.float()
+            if bias32 is not None:
+                y += bias32
             c = None
             if cap is not None:
                 y.div_(cap).tanh_()  # tanh(y / cap)
