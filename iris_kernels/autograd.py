@@ -140,7 +140,7 @@ def forward_statistics(hidden, weight, targets, bias, params: LogprobsParams, on
         empty = torch.zeros(0, dtype=torch.float32, device=hidden.device)
         lse, target_z, lse_lo = empty, empty, empty
         entropy_rows = empty if params.return_entropy else None
-    elif params.fwd == "split" or on_chunk is not None:  # cuBLAS fp32 logits + a row kernel; same statistics as the fused forward
+    elif params.fwd == "split" or on_chunk is not None:  # cuBLAS fp32 logits + a row kernel: same statistics
         lse, target_z, entropy_rows, lse_lo = _split_forward(h_run, weight, t_run, bias, params, n_valid, upcast,
                                                               on_chunk)
     else:
