@@ -475,8 +475,10 @@ class LigerCuteScaledCE(Provider):
 
 
 class IrisTritonFrozen(IrisTritonVariant):
-    """The default triton path with a frozen head: the weight is used detached, so no dWeight (the
-    cheapest backward: dHidden only; its floor is three products, not four)."""
+    """The triton path with a frozen head: the weight is used detached, so no dWeight, and
+    linear_logprobs picks the frozen-head path (iris_kernels/frozen_head.py: dHidden computed in
+    the forward's chunks, the backward only scales it; two vocabulary products in all, which is
+    also its floor). ``fwd`` is not used by that path (it is split-forward based)."""
 
     frozen_head = True
 

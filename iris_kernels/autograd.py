@@ -122,56 +122,68 @@ def _compaction(targets, params: LogprobsParams):
     return perm, count
 
 
+def forward_statistics(hidden, weight, targets, bias, params: LogprobsParams, on_chunk=None):
+    """The triton backend's forward: (logp, lse, entropy, lse_lo, H | None), fp32 [N] each, in the
+    caller's row order (``entropy`` is [0] without ``return_entropy``).
+
+    ``on_chunk``: forces the split forward and is passed to it (``logprobs_split_fwd``); it sees
+    the rows in processing order (compacted when ``params.compact``; ``_compaction`` gives them).
+    """
+    N = hidden.shape[0]
+    V = weight.shape[0]
+    upcast = interpreting()
+    rows, n_valid = _compaction(targets, params)
+    h_run, t_run = hidden, targets
+    if rows is not None:
+        h_run, t_run = hidden.index_select(0, rows), targets.index_select(0, rows)
+    if h_run.shape[0] == 0:  # num_valid = 0: nothing to launch
+        empty = torch.zeros(0, dtype=torch.float32, device=hidden.device)
+        lse, target_z, lse_lo = empty, empty, empty
+        entropy_rows = empty if params.return_entropy else None
+    elif params.fwd == "split" or on_chunk is not None:  # cuBLAS fp32 logits + a row kernel: same statistics
+        lse, target_z, entropy_rows, lse_lo = _split_forward(h_run, weight, t_run, bias, params, n_valid, upcast,
+                                                              on_chunk)
+    else:
+        lse, target_z, entropy_rows, lse_lo = logprobs_fwd(
+            h_run, weight, t_run, bias,
+            inv_temperature=1.0 / params.temperature,
+            softcap=params.softcap,
+            with_entropy=params.return_entropy,
+            upcast=upcast,
+            tiles=tile_config(hidden, forward=True, flags=dict(
+                bias=bias is not None, softcap=params.softcap is not None,
+                entropy=params.return_entropy, count=n_valid is not None)),
+            n_valid=n_valid,
+            with_lse_lo=True,
+        )
+    del h_run
+    if rows is not None:
+        # Back to the caller's order; rows never computed (ignored) hold 0 and are masked below.
+        def scatter(x):
+            return None if x is None else torch.zeros(N, dtype=x.dtype, device=x.device).index_copy_(0, rows, x)
+        if n_valid is not None:
+            # Rows past the count carry unspecified statistics: zero them before the scatter.
+            computed = torch.arange(N, device=hidden.device) < n_valid
+            lse, target_z = torch.where(computed, lse, 0.0), torch.where(computed, target_z, 0.0)
+            lse_lo = torch.where(computed, lse_lo, 0.0)
+            entropy_rows = None if entropy_rows is None else torch.where(computed, entropy_rows, 0.0)
+        lse, target_z, lse_lo, entropy_rows = scatter(lse), scatter(target_z), scatter(lse_lo), scatter(entropy_rows)
+    # Two steps: lse + lse_lo would round back to lse (exact at a large logit offset).
+    logp = finalize_logprobs((target_z - lse) - lse_lo, targets, V, params.ignore_index)
+    if params.return_entropy:
+        entropy = masked_entropy(entropy_rows, targets, params.ignore_index)
+    else:
+        entropy = torch.empty(0, dtype=torch.float32, device=hidden.device)
+    return logp, lse, entropy, lse_lo, entropy_rows
+
+
 class TritonLinearLogprobs(torch.autograd.Function):
     """hidden [N, H], weight [V, H] (row-contiguous), targets [N], bias [V] | None -> fp32 [N] x 3."""
 
     @staticmethod
     @no_autocast  # the products fix their own dtypes (amp.py)
     def forward(ctx, hidden, weight, targets, bias, params: LogprobsParams):
-        N = hidden.shape[0]
-        V = weight.shape[0]
-        upcast = interpreting()
-        rows, n_valid = _compaction(targets, params)
-        h_run, t_run = hidden, targets
-        if rows is not None:
-            h_run, t_run = hidden.index_select(0, rows), targets.index_select(0, rows)
-        if h_run.shape[0] == 0:  # num_valid = 0: nothing to launch
-            empty = torch.zeros(0, dtype=torch.float32, device=hidden.device)
-            lse, target_z, lse_lo = empty, empty, empty
-            entropy_rows = empty if params.return_entropy else None
-        elif params.fwd == "split":  # cuBLAS fp32 logits + a row kernel; same statistics as the fused forward
-            lse, target_z, entropy_rows, lse_lo = _split_forward(h_run, weight, t_run, bias, params, n_valid, upcast)
-        else:
-            lse, target_z, entropy_rows, lse_lo = logprobs_fwd(
-                h_run, weight, t_run, bias,
-                inv_temperature=1.0 / params.temperature,
-                softcap=params.softcap,
-                with_entropy=params.return_entropy,
-                upcast=upcast,
-                tiles=tile_config(hidden, forward=True, flags=dict(
-                    bias=bias is not None, softcap=params.softcap is not None,
-                    entropy=params.return_entropy, count=n_valid is not None)),
-                n_valid=n_valid,
-                with_lse_lo=True,
-            )
-        del h_run
-        if rows is not None:
-            # Back to the caller's order; rows never computed (ignored) hold 0 and are masked below.
-            def scatter(x):
-                return None if x is None else torch.zeros(N, dtype=x.dtype, device=x.device).index_copy_(0, rows, x)
-            if n_valid is not None:
-                # Rows past the count carry unspecified statistics: zero them before the scatter.
-                computed = torch.arange(N, device=hidden.device) < n_valid
-                lse, target_z = torch.where(computed, lse, 0.0), torch.where(computed, target_z, 0.0)
-                lse_lo = torch.where(computed, lse_lo, 0.0)
-                entropy_rows = None if entropy_rows is None else torch.where(computed, entropy_rows, 0.0)
-            lse, target_z, lse_lo, entropy_rows = scatter(lse), scatter(target_z), scatter(lse_lo), scatter(entropy_rows)
-        # Two steps: lse + lse_lo would round back to lse (exact at a large logit offset).
-        logp = finalize_logprobs((target_z - lse) - lse_lo, targets, V, params.ignore_index)
-        if params.return_entropy:
-            entropy = masked_entropy(entropy_rows, targets, params.ignore_index)
-        else:
-            entropy = torch.empty(0, dtype=torch.float32, device=hidden.device)
+        logp, lse, entropy, lse_lo, entropy_rows = forward_statistics(hidden, weight, targets, bias, params)
         ctx.params = params
         # Outputs nobody differentiates arrive in backward as None, not as materialised zeros, so
         # that an unused lse or entropy never switches on its kernel path (HAS_GRAD_LSE, ...).
@@ -208,13 +220,14 @@ class TritonLinearLogprobs(torch.autograd.Function):
         )
 
 
-def _split_forward(h_run, weight, t_run, bias, params, n_valid, upcast):
+def _split_forward(h_run, weight, t_run, bias, params, n_valid, upcast, on_chunk=None):
     """(lse, target_z, H | None, lse_lo) by the split forward (ops/logprobs_split.py): the same
     statistics as the fused forward, so either backward follows it."""
     tiles = INTERPRETER_ROW_TILES if (upcast or h_run.device.type != "cuda") else GPU_ROW_TILES
     return logprobs_split_fwd(h_run, weight, t_run, bias, inv_temperature=1.0 / params.temperature,
                               softcap=params.softcap, with_entropy=params.return_entropy,
-                              chunk_bytes=params.workspace_bytes, tiles=tiles, n_valid=n_valid)
+                              chunk_bytes=params.workspace_bytes, tiles=tiles, n_valid=n_valid,
+                              on_chunk=on_chunk)
 
 
 def _bwd_flags(bias, params, c_lse, c_ent, n_valid):

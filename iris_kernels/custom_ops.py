@@ -33,6 +33,7 @@ from torch import Tensor
 
 from .autograd import TritonLinearLogprobs
 from .chunked import ChunkedLinearLogprobs
+from .frozen_head import FrozenHeadLinearLogprobs, frozen_head_applies
 from .types import LogprobsParams, accumulation_dtype
 
 __all__ = ["linear_logprobs_op", "apply_backend"]
@@ -205,9 +206,12 @@ def linear_logprobs_op(backend: str, hidden, weight, targets, bias, params: Logp
 
 def apply_backend(backend: str, hidden, weight, targets, bias, params: LogprobsParams):
     """``backend`` ("triton" or "torch"): its ``Function.apply`` in eager mode, the registered
-    custom op while torch.compile traces."""
+    custom op while torch.compile traces. A triton call where only the hidden state needs a
+    gradient takes the frozen-head path (frozen_head.py: two vocabulary products in all)."""
     if torch.compiler.is_compiling():
         return linear_logprobs_op(backend, hidden, weight, targets, bias, params)
+    if backend == "triton" and frozen_head_applies(hidden, weight, bias, params):
+        return FrozenHeadLinearLogprobs.apply(hidden, weight, targets, bias, params)
     return _FUNCTIONS[backend].apply(hidden, weight, targets, bias, params)
 
 

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from .distributed import StepNormalizer, StepStats, check_scope
-from .logprobs import _check_cuda_options, packed_sums, sequence_logprobs, shift_labels
+from .logprobs import _check_cuda_options, host_scored_count, packed_sums, sequence_logprobs, shift_labels
 from .losses import check_loss_hparams, get_loss
 from .schedules import AlphaSchedule, make_schedule
 from .sharding import full_weights
@@ -140,6 +140,34 @@ def token_counts(
     if cu_seqlens is None:
         return scored.sum(-1)
     return packed_sums(scored, cu_seqlens)
+
+
+def _op_on_other_device(device: torch.device) -> bool:
+    """True when the op runs off the host (so that CPU labels must move and can be counted free)."""
+    return torch.device(device).type != "cpu"
+
+
+def labels_for_op(
+    labels: torch.Tensor, device: torch.device, *, shift: bool, ignore_index: int,
+    cu_seqlens: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, Optional[int]]:
+    """(labels on ``device``, host count of scored positions | None).
+
+    Labels still on the host while the op runs on a GPU are counted there (no device read-back;
+    ``host_scored_count`` after the same shift as ``sequence_logprobs``) and moved; the count,
+    given as ``num_valid``, shrinks the compacted launches and both cuBLAS products to the scored
+    rows (issue 16, item 5; as ``integrations.trl.host_num_valid``). Device labels, or an op on
+    the CPU, give (labels, None): the kernels keep their device-resident count. With packed
+    labels the count needs ``cu_seqlens`` on the host too (else None).
+    """
+    if not isinstance(labels, torch.Tensor) or labels.device.type != "cpu" or not _op_on_other_device(device):
+        return labels, None
+    count = None
+    if cu_seqlens is None or cu_seqlens.device.type == "cpu":
+        flat = labels[0] if (cu_seqlens is not None and labels.dim() == 2) else labels
+        targets = shift_labels(flat.long(), ignore_index, cu_seqlens) if shift else flat.long()
+        count = host_scored_count(targets, ignore_index)
+    return labels.to(device), count
 
 
 class SelfPlayLoss(nn.Module):
@@ -284,12 +312,12 @@ class SelfPlayLoss(nn.Module):
         # The tilted-risk kernel follows the log-prob backend; "reference" means plain PyTorch.
         return {Backend.AUTO: "auto", Backend.TRITON: "triton"}.get(self.backend, "torch")
 
-    def _seq_logps(self, hidden, weight, labels, bias, cu_seqlens):
+    def _seq_logps(self, hidden, weight, labels, bias, cu_seqlens, num_valid=None):
         return sequence_logprobs(
             hidden, weight, labels,
             shift=self.shift, ignore_index=self.ignore_index, bias=bias, temperature=self.temperature,
             softcap=self.softcap, length_normalize=self.length_normalize, cu_seqlens=cu_seqlens,
-            backend=self.backend.value, **self.cuda_options,
+            backend=self.backend.value, num_valid=num_valid, **self.cuda_options,
         )
 
     def _hparams(self, step: Optional[int]) -> Dict[str, Any]:
@@ -357,7 +385,7 @@ class SelfPlayLoss(nn.Module):
         policy_real, policy_syn, ref_real, ref_syn, real_rows = self._split(
             hidden, weight, labels, is_real, *self._split_kwargs(**kwargs)
         )
-        normalizer.observe(policy_real, policy_syn, ref_real, ref_syn, **self._batch_kwargs(labels, real_rows, kwargs))
+        normalizer.observe(policy_real, policy_syn, ref_real, ref_syn, **self._batch_kwargs(labels, real_rows, kwargs, hidden.device))
 
     @staticmethod
     def _split_kwargs(
@@ -365,16 +393,21 @@ class SelfPlayLoss(nn.Module):
     ):
         return num_real, ref_logps, ref_hidden, ref_weight, bias, ref_bias, cu_seqlens
 
-    def _batch_kwargs(self, labels, real_rows, kwargs) -> Dict[str, Any]:
+    def _batch_kwargs(self, labels, real_rows, kwargs, device=None) -> Dict[str, Any]:
         """Per-micro-batch loss keywords: SFT's token counts of the annotated rows."""
         if self.loss_type != "sft":
             return {}
+        if device is not None and labels.device != torch.device(device):
+            labels = labels.to(device)  # host labels (labels_for_op moved _split's copy, not this one)
         counts = token_counts(labels, shift=self.shift, ignore_index=self.ignore_index, cu_seqlens=kwargs.get("cu_seqlens"))
         return {"num_tokens_real": _select(counts, real_rows)}
 
     def _split(self, hidden, weight, labels, is_real, num_real, ref_logps, ref_hidden, ref_weight, bias, ref_bias, cu_seqlens):
         weight, bias, ref_weight, ref_bias = full_weights(hidden, weight=weight, bias=bias, ref_weight=ref_weight, ref_bias=ref_bias)
         B = self._check_inputs(hidden, weight, labels, ref_logps, ref_hidden, ref_weight, bias, ref_bias, cu_seqlens)
+        # Labels held on the host: counted there and moved (see labels_for_op).
+        labels, num_valid = labels_for_op(labels, hidden.device, shift=self.shift, ignore_index=self.ignore_index,
+                                          cu_seqlens=cu_seqlens)
         real_rows, syn_rows, n, m = split_rows(B, hidden.device, is_real=is_real, num_real=num_real)
         if n == 0:
             raise ValueError("is_real/num_real select no annotated row: every loss needs at least one")
@@ -388,12 +421,12 @@ class SelfPlayLoss(nn.Module):
 
         # One call over the whole batch (one kernel launch), then a split of B scalars; the
         # backward of the split scatters each term's per-sequence gradient back to its rows.
-        policy = self._seq_logps(hidden, weight, labels, bias, cu_seqlens)
+        policy = self._seq_logps(hidden, weight, labels, bias, cu_seqlens, num_valid)
         if ref_logps is not None:
             ref = ref_logps.detach()
         elif ref_hidden is not None:
             with torch.no_grad():
-                ref = self._seq_logps(ref_hidden, ref_weight, labels, ref_bias, cu_seqlens)
+                ref = self._seq_logps(ref_hidden, ref_weight, labels, ref_bias, cu_seqlens, num_valid)
         else:
             ref = None
         policy_real = _select(policy, real_rows)
@@ -426,6 +459,8 @@ class SelfPlayLoss(nn.Module):
                 with ``cu_seqlens``); fp32/bf16/fp16.
             weight: [V, H] policy lm_head weight (same dtype); bias: optional [V].
             labels: [B, T] int, HF convention; prompt and padding positions = ``ignore_index``.
+                On the CPU with hidden on a GPU they are counted on the host and moved, and the
+                count goes to the kernels as ``num_valid`` (``labels_for_op``; no sync).
             is_real / num_real: which rows are annotated (exactly one; see the module docstring).
             ref_logps: [B] precomputed reference sequence log-probs, in batch row order; OR
             ref_hidden, ref_weight (, ref_bias): the live reference's [B, T, H'] hidden states
@@ -443,7 +478,7 @@ class SelfPlayLoss(nn.Module):
         kw = self._hparams(step)
         if self.scope is not None:
             kw.update(scope=self.scope, group=self.group)
-        kw.update(self._batch_kwargs(labels, real_rows, {"cu_seqlens": cu_seqlens}))
+        kw.update(self._batch_kwargs(labels, real_rows, {"cu_seqlens": cu_seqlens}, hidden.device))
         loss, metrics = self.loss_fn(
             policy_real, policy_syn, ref_real, ref_syn,
             return_metrics=True, stats=stats, backend=self._loss_backend(), **kw,

@@ -483,3 +483,65 @@ def test_unfed_gap_adaptive_schedule_raises_in_a_training_step():
     crit = SelfPlayLoss("iris", alpha=GapAdaptiveAlpha(), backend="torch")
     with pytest.raises(RuntimeError, match="not been fed.*update_gap"):
         crit(hidden, weight, labels, num_real=2, ref_logps=ref, step=0)
+
+
+# ----------------------------------------------------------- host labels -> num_valid (issue 16, item 5)
+def test_labels_for_op_counts_host_labels_only_for_an_op_off_the_host(monkeypatch):
+    import iris_kernels.module as module
+
+    _, _, labels = make_batch(seed=5)[:3]
+    labels = labels.clone()
+    labels[0, :3] = -100
+    expected = int((shifted(labels) != -100).sum())
+    # On this CPU-only machine the op's device is the CPU: no count, labels untouched.
+    out, count = module.labels_for_op(labels, torch.device("cpu"), shift=True, ignore_index=-100)
+    assert out is labels and count is None
+    # Device labels (meta stands in for a GPU): never counted (that would read the device back).
+    meta = torch.empty(labels.shape, dtype=torch.long, device="meta")
+    assert module.labels_for_op(meta, torch.device("cpu"), shift=True, ignore_index=-100)[1] is None
+    # The decision for an op on another device, exercised with the CPU playing that device.
+    monkeypatch.setattr(module, "_op_on_other_device", lambda device: True)
+    assert module.labels_for_op(labels, torch.device("cpu"), shift=True, ignore_index=-100)[1] == expected
+    assert module.labels_for_op(labels, torch.device("cpu"), shift=False, ignore_index=-100)[1] == \
+        int((labels != -100).sum())
+    # Packed: the shift is per sequence (cu_seqlens on the host), as token_counts does it.
+    packed = labels.reshape(1, -1)
+    cu = torch.arange(0, labels.numel() + 1, labels.shape[1])
+    got = module.labels_for_op(packed, torch.device("cpu"), shift=True, ignore_index=-100, cu_seqlens=cu)[1]
+    assert got == int(token_counts(packed, shift=True, ignore_index=-100, cu_seqlens=cu).sum())
+    assert module.labels_for_op(packed, torch.device("cpu"), shift=True, ignore_index=-100,
+                                cu_seqlens=cu.to("meta"))[1] is None
+
+
+@pytest.mark.parametrize("loss_type", ["iris", "sft"])
+def test_selfplay_loss_passes_the_host_count_to_the_op(monkeypatch, loss_type):
+    """With host labels and an op off the host, every sequence_logprobs call gets num_valid."""
+    import iris_kernels.module as module
+
+    hidden, weight, labels = make_batch(seed=6)[:3]
+    labels = labels.clone()
+    labels[1, :4] = -100
+    expected = int((shifted(labels) != -100).sum())
+    crit = SelfPlayLoss(loss_type, **({} if loss_type == "sft" else {"alpha": 0.5}), backend="torch")
+    kw = dict(num_real=hidden.shape[0] // 2)
+    if loss_type != "sft":
+        kw.update(ref_hidden=hidden + 0.1, ref_weight=weight)
+    base, _ = crit(hidden, weight, labels, **kw)
+
+    seen = []
+    real = module.sequence_logprobs
+
+    def spy(*args, num_valid=None, **kwargs):
+        seen.append(num_valid)
+        return real(*args, num_valid=num_valid, **kwargs)
+
+    monkeypatch.setattr(module, "sequence_logprobs", spy)
+    monkeypatch.setattr(module, "_op_on_other_device", lambda device: True)
+    loss, _ = crit(hidden, weight, labels, **kw)
+    assert seen == [expected] * (1 if loss_type == "sft" else 2)
+    torch.testing.assert_close(loss, base, rtol=0, atol=0)
+    # Device labels (the op's own device, unpatched decision): no host count.
+    monkeypatch.setattr(module, "_op_on_other_device", lambda device: False)
+    seen.clear()
+    crit(hidden, weight, labels, **kw)
+    assert seen and all(n is None for n in seen)

@@ -135,3 +135,22 @@ def test_bad_loss_options_fail_at_start_up_naming_the_option(setup):
         Objective(LossConfig(name="spin", options={"nonsense": 1}), build_alpha_schedule(LossConfig(), 1), accelerator)
     with pytest.raises(ValueError, match="alpha_max"):
         build_alpha_schedule(LossConfig(alpha_max=0.1, alpha_min=0.5), 1)
+
+
+def test_micro_batch_keeps_host_labels_for_the_loss_to_count(monkeypatch):
+    """Off the host the labels stay on the CPU (SelfPlayLoss counts them: num_valid, issue 16 item 5);
+    on the CPU everything is moved as before. meta stands in for a GPU."""
+    from iris_kernels.module import labels_for_op
+    from train.objective import move_micro_batch
+
+    mb = {"input_ids": torch.ones(2, 5, dtype=torch.long), "labels": torch.tensor([[-100, 3, 4, -100, -100]] * 2),
+          "ref_logps": torch.zeros(2)}
+    off = move_micro_batch(mb, torch.device("meta"))
+    assert off["labels"].device.type == "cpu" and off["input_ids"].device.type == "meta"
+    assert off["ref_logps"].device.type == "meta"
+    # ... which the loss turns into the count: 2 scored positions per row after the shift.
+    import iris_kernels.module as module
+    monkeypatch.setattr(module, "_op_on_other_device", lambda device: True)
+    assert labels_for_op(off["labels"], torch.device("cpu"), shift=True, ignore_index=-100)[1] == 4
+    on = move_micro_batch(mb, torch.device("cpu"))
+    assert all(v.device.type == "cpu" for v in on.values())

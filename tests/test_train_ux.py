@@ -277,7 +277,7 @@ def test_startup_failure_leaves_no_resume_trace_then_resume_messages(tmp_path):
     # Every key an eval record holds is explained by the legend, and the legend is printed.
     record = json.loads((out / "iter_0" / "eval.json").read_text())
     assert set(record) <= set(selfplay.EVAL_KEYS), set(record) - set(selfplay.EVAL_KEYS)
-    for key in ("choice_accuracy", "ess_real_frac", "ess_syn_frac", "alpha", "gap", "win_rate"):
+    for key in ("choice_accuracy", "ess_real_frac", "ess_syn_frac", "alpha", "gap_u", "temperature_score", "win_rate"):
         assert key in record and f"{key} = " in text, key
     assert "parallelism: one process" in text
 

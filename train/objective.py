@@ -110,6 +110,15 @@ class PolicyLoss(nn.Module):
                               step=step, stats=stats)
 
 
+def move_micro_batch(mb: Dict[str, torch.Tensor], device) -> Dict[str, torch.Tensor]:
+    """The micro-batch on ``device``, except the labels when the device is not the host: SelfPlayLoss
+    counts host labels there and moves them itself, so the kernels get the scored-row count as
+    ``num_valid`` without a device read-back (iris_kernels.module.labels_for_op; issue 16, item 5).
+    A wrapper that moves its inputs (DDP) hands the loss device labels: no count, same result."""
+    keep_on_host = torch.device(device).type != "cpu"
+    return {k: (v if (k == "labels" and keep_on_host) else v.to(device)) for k, v in mb.items()}
+
+
 class Objective:
     def __init__(self, cfg: LossConfig, alpha_schedule, accelerator, softcap=None):
         self.cfg = cfg
@@ -160,7 +169,7 @@ class Objective:
         Gradients accumulate in .grad; the cross-rank gradient sync runs on the last micro-batch only.
         """
         acc = self.accelerator
-        micro_batches = [{k: v.to(acc.device) for k, v in mb.items()} for mb in micro_batches]
+        micro_batches = [move_micro_batch(mb, acc.device) for mb in micro_batches]
         A = len(micro_batches)
         scope = self.cfg.scope
         stats = None

@@ -114,7 +114,7 @@ def _fp32_logits(h: torch.Tensor, w_t: torch.Tensor, out: torch.Tensor) -> None:
 
 
 def logprobs_split_fwd(hidden, weight, targets, bias, *, inv_temperature, softcap, with_entropy,
-                       chunk_bytes, tiles, n_valid=None):
+                       chunk_bytes, tiles, n_valid=None, on_chunk=None):
     """The split forward. hidden [M, H], weight [V, H] (row-contiguous), targets int64 [M].
 
     Returns fp32 [M] (lse, target_z, H | None, lse_lo), the same statistics as ``logprobs_fwd``
@@ -122,6 +122,10 @@ def logprobs_split_fwd(hidden, weight, targets, bias, *, inv_temperature, softca
     one tile of rows). ``n_valid``: optional int64 [1] device count; rows at or past it are
     skipped by the row kernel (the product still covers them) and their statistics unspecified.
     ``tiles``: (BLOCK_N, BLOCK_V, num_warps) of the row kernel.
+    ``on_chunk``: optional ``on_chunk(start, stop, logits, lse, lse_lo)`` called after each chunk's
+    statistics, with the chunk's raw fp32 logits [stop - start, V] (it may overwrite them: the
+    buffer is refilled by the next chunk) and that chunk's fp32 lse / lse_lo [stop - start] (the
+    frozen-head path, frozen_head.py, folds its gradient product into this pass).
     """
     M = hidden.shape[0]
     V = weight.shape[0]
@@ -175,6 +179,11 @@ def logprobs_split_fwd(hidden, weight, targets, bias, *, inv_temperature, softca
             BLOCK_N=block_n, BLOCK_V=block_v,
             num_warps=num_warps,
         )
+        if on_chunk is not None:
+            # The chunk's own merge (one split): element-wise, so equal to the final merge's rows.
+            lse_c, _, _, lse_lo_c = merge_partials(part_max[:, start:stop], part_sum[:, start:stop],
+                                                   part_target[:, start:stop], None, with_lse_lo=True)
+            on_chunk(start, stop, out, lse_c, lse_lo_c)
     del buf
     return merge_partials(part_max, part_sum, part_target, part_tsum if with_entropy else None,
                           with_lse_lo=True)
