@@ -135,6 +135,10 @@ class Provider:
 
     # liger-dpo optimises another objective: it is shown, but never "the best peer" of an IRIS row.
     comparable = True
+    # Vocabulary-sized products this provider does (None: the floor's four). Keeping the [N, V]
+    # logits saves the recompute (three), a frozen head needs no weight gradient (two): such rows
+    # may legitimately run below the four-product floor, so the report does not flag them for it.
+    products: Optional[int] = None
     # A frozen head (lm_head.weight.requires_grad = False): no weight gradient is due, and one
     # produced anyway is an error.
     frozen_head = False
@@ -208,6 +212,7 @@ def naive_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
 
 class Naive(Provider):
     name = "naive"
+    products = 3  # the logits are kept: no recompute
 
     def logprobs(self, hidden, weight, targets):
         return naive_logprobs(hidden, weight, targets)
@@ -215,6 +220,7 @@ class Naive(Provider):
 
 class NaiveCompile(Provider):
     name = "naive-compile"
+    products = 3  # the logits are kept: no recompute
     min_warmup = 1
 
     def setup(self, case):
@@ -481,6 +487,7 @@ class IrisTritonFrozen(IrisTritonVariant):
     also its floor). ``fwd`` is not used by that path (it is split-forward based)."""
 
     frozen_head = True
+    products = 2
 
     def __init__(self):
         super().__init__("iris-triton-frozen", "workspace", True, fwd="fused")

@@ -177,9 +177,13 @@ SPREAD_LIMIT = 0.2
 
 def unreliable_reason(r: dict, floor: Optional[dict]) -> str:
     """Why a timed row cannot be trusted ("" if it can): a total below the floor's (four GEMMs are
-    the least work any exact method does, so only noise puts a row under it) or a wide spread."""
+    the least work a method that neither keeps the logits nor skips the weight gradient does, so
+    only noise puts such a row under it; ``Provider.products`` exempts the others) or a wide spread."""
     why = []
-    if floor is not None and r is not floor and r["family"] != "floor" and r["total_ms"] < floor["total_ms"]:
+    provider = P.PROVIDERS.get(r.get("provider"))
+    bound_by_floor = provider is None or getattr(provider, "products", None) is None
+    if (bound_by_floor and floor is not None and r is not floor and r["family"] != "floor"
+            and r["total_ms"] < floor["total_ms"]):
         why.append("below the floor")
     med, p20, p80 = r["total_ms"], r["total_p20"], r["total_p80"]
     if med and p20 is not None and p80 is not None and (p80 - p20) > SPREAD_LIMIT * med:

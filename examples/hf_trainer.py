@@ -2,7 +2,7 @@
 (tokenise the conversations, sample the opponent's responses, score both once), then train a few
 steps with ``SelfPlayLoss`` in ``compute_loss``.
 
-    .venv/bin/python examples/hf_trainer.py                        # a tiny random Llama, CPU, a few seconds
+    .venv/bin/python examples/hf_trainer.py                        # a tiny random Llama, CPU: 30-50 s on a loaded 2-core VM, mostly imports
     .venv/bin/python examples/hf_trainer.py --model PATH_OR_HUB_ID --max_steps 20
 
 Without ``--model`` the model is a tiny random Llama (2 layers, hidden 64) on the repository's

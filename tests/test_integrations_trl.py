@@ -499,6 +499,9 @@ def test_harness_pairs_train_in_trl(tmp_path):
     first = next(r for r in log if "loss" in r)
     assert first["loss"] == pytest.approx(0.0, abs=1e-5)  # θ = the opponent whose log-probs are stored
     assert first["iris/real/ess"] == pytest.approx(8.0, rel=1e-4)
+    # The harness's gap-adaptive α (measured on held-out rows TRL does not have) crosses as a constant.
+    harness_alpha = next(r["alpha"] for r in read_jsonl(run / "metrics.jsonl") if r.get("kind") == "train")
+    assert first["iris/alpha"] == pytest.approx(harness_alpha)
     assert (tmp_path / "trl" / "model" / "model.safetensors").is_file()
     # θ_0 is saved with its tokenizer, for a script of one's own (train/README.md's walk-through).
     assert (tmp_path / "trl" / "opponent" / "model.safetensors").is_file()

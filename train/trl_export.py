@@ -117,13 +117,34 @@ def write_trl_pairs(it_dir, cfg, tokenizer, splits: Mapping[str, Sequence[Exampl
 # ----------------------------------------------------------------------------- one iteration in TRL
 
 
-def selfplay_config_kwargs(cfg) -> dict:
-    """SelfPlayConfig keywords equivalent to the harness config's loss / optimiser / batch keys."""
+def measured_alpha(run: Path, iteration: int):
+    """The α the harness trained iteration ``iteration`` with (its first logged train step), or None."""
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    for r in read_jsonl(path, tolerate_torn_tail=True):
+        if r.get("kind") == "train" and r.get("iteration") == iteration and isinstance(r.get("alpha"), (int, float)):
+            return float(r["alpha"])
+    return None
+
+
+def selfplay_config_kwargs(cfg, alpha_measured=None) -> dict:
+    """SelfPlayConfig keywords equivalent to the harness config's loss / optimiser / batch keys.
+
+    The gap-adaptive α is measured by the harness on held-out synthetic responses, which the TRL
+    trainer does not have (its "adaptive" is the temperature-score rule): the export passes the α
+    the harness measured for the iteration (``alpha_measured``) as a constant instead.
+    """
     if cfg.loss.name == "sft":
         raise ValueError("loss.name='sft' has no TRL self-play counterpart; use trl.SFTTrainer")
-    schedule = {"gap_adaptive": "adaptive"}.get(cfg.loss.alpha_schedule, cfg.loss.alpha_schedule)
+    schedule, alpha = cfg.loss.alpha_schedule, cfg.loss.alpha
+    if cfg.loss.name == "iris" and schedule in ("adaptive", "gap_adaptive"):
+        if alpha_measured is None:
+            raise ValueError("loss.alpha_schedule is gap-adaptive, but the run logged no α for this iteration "
+                             "(metrics.jsonl); train it in the harness first or set loss.alpha_schedule constant")
+        schedule, alpha = "constant", float(alpha_measured)
     return dict(
-        loss_name=cfg.loss.name, beta=cfg.loss.beta, alpha_schedule=schedule, alpha=cfg.loss.alpha,
+        loss_name=cfg.loss.name, beta=cfg.loss.beta, alpha_schedule=schedule, alpha=alpha,
         alpha_min=cfg.loss.alpha_min, alpha_max=cfg.loss.alpha_max, scope=cfg.loss.scope,
         length_normalize=cfg.loss.length_normalize, loss_options=dict(cfg.loss.options),
         per_device_train_batch_size=cfg.train.per_device_batch_size,
@@ -178,7 +199,7 @@ def main(argv=None) -> list:
     sp_args = SelfPlayConfig(
         output_dir=args.output_dir, max_steps=args.max_steps, report_to=[], logging_steps=1, save_strategy="no",
         use_cpu=not torch.cuda.is_available(), bf16=False, gradient_checkpointing=False,
-        **selfplay_config_kwargs(cfg),
+        **selfplay_config_kwargs(cfg, measured_alpha(run, t)),
     )
     trainer = SelfPlayTrainer(model, args=sp_args, train_dataset=train_dataset, processing_class=tokenizer)
     trainer.train()
