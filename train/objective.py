@@ -95,8 +95,11 @@ class PolicyLoss(nn.Module):
         weight, bias = full_weights(hidden, weight=weight, bias=bias)
         return self.criterion._seq_logps(hidden, weight, labels, bias, None)
 
-    def forward(self, input_ids, attention_mask, labels, ref_logps, *, num_real: int, step=None, stats=None,
-                normalizer=None):
+    def forward(self, input_ids, attention_mask, labels, ref_logps=None, *, num_real: int = 0, step=None, stats=None,
+                normalizer=None, scores_only: bool = False):
+        if scores_only:
+            # Through the wrapped module's forward (FSDP2 / ZeRO-3 gather their shards only there).
+            return self.sequence_logps(input_ids, attention_mask, labels)
         hidden = body_hidden_states(self.model, input_ids, attention_mask)
         hidden, weight, bias, softcap = output_projection(self.model, hidden)
         if softcap is not None and self.criterion.softcap != softcap:
@@ -149,15 +152,18 @@ class Objective:
         return batch
 
     @torch.no_grad()
-    def abs_g_sums(self, module: "PolicyLoss", micro_batches: List[Dict], *, autocast=nullcontext) -> torch.Tensor:
+    def abs_g_sums(self, wrapped, micro_batches: List[Dict], *, autocast=nullcontext) -> torch.Tensor:
         """[Σ|g|, count] (fp64, on the micro-batches' device) of g = β·(s_θ − s_ref) over the rows
         of these micro-batches, in the loss's units: at the first step of an iteration θ = θ_t, so
-        any value ≠ 0 is the reference pass's numerical disagreement with the training pass."""
+        any value ≠ 0 is the reference pass's numerical disagreement with the training pass.
+
+        ``wrapped``: the prepared PolicyLoss (DDP / FSDP2 / DeepSpeed engine, or the module itself),
+        called with ``scores_only=True``: sharded parameters are gathered only inside its forward."""
         beta = self.criterion.beta if self.criterion.beta is not None else 1.0
         total = None
         for mb in micro_batches:
             with autocast():
-                s = module.sequence_logps(mb["input_ids"], mb["attention_mask"], mb["labels"])
+                s = wrapped(mb["input_ids"], mb["attention_mask"], mb["labels"], scores_only=True)
             g = beta * (s.double() - mb["ref_logps"].to(s.device).double())
             part = torch.stack([g.abs().sum(), g.new_full((), float(g.numel()))])
             total = part if total is None else total + part

@@ -328,7 +328,7 @@ def main(argv=None) -> None:
                 if progress.step_in_iteration == 0 and cfg.loss.name != "sft":
                     # θ = θ_t: g should be exactly 0. Mean |g| over every rank's rows of this step
                     # measures the reference pass's disagreement with the training pass (logged).
-                    sums = objective.abs_g_sums(train_module, [{k: v.to(accelerator.device) for k, v in mb.items()}
+                    sums = objective.abs_g_sums(wrapped, [{k: v.to(accelerator.device) for k, v in mb.items()}
                                                                for mb in micro], autocast=autocast)
                     sums = accelerator.reduce(sums, "sum")
                     first_abs_g = float(sums[0] / sums[1])
