@@ -14,7 +14,6 @@ own running scale, so an element whose gradient is mostly cancellation (|g| ~ 1e
 ~lr * (a few steps) ~ 4e-5 in fp32 over two iterations. With eps = 1 an update is ~lr * g,
 so the comparison at 1e-5 tests the sharding, not Adam's amplification of rounding.
 """
-import json
 import signal
 import socket
 import subprocess
@@ -25,6 +24,7 @@ import pytest
 import torch
 import yaml
 
+from selfplay_env import generated_rows as _generated, run_metrics as _metrics, saved_weights as _weights
 from selfplay_env import selfplay_env as _env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,24 +72,6 @@ def _fsdp(out, *, iterations, tied, kill_at=None):
     cmd += _args(out, iterations, tied) + ["--train.per_device_batch_size", str(BATCH // 2)]
     env = _env(**({"IRIS_SELFPLAY_KILL_AT": kill_at} if kill_at else {}))
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)
-
-
-def _metrics(out, kind):
-    rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [r for r in rows if r["kind"] == kind]
-
-
-def _generated(out, t, split):
-    rows = []
-    for p in sorted((Path(out) / f"iter_{t}").glob(f"generated-{split}-*.jsonl")):
-        rows += [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
-    return sorted(rows, key=lambda r: r["prompt_id"])
-
-
-def _weights(out, t):
-    from safetensors.torch import load_file
-
-    return load_file(str(Path(out) / f"iter_{t}" / "model" / "model.safetensors"))
 
 
 def _assert_same_run(fsdp_out, single_out, iterations, tied):

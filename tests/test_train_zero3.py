@@ -27,6 +27,7 @@ import pytest
 import torch
 import yaml
 
+from selfplay_env import generated_rows as _generated, run_metrics as _metrics, saved_weights as _weights
 from selfplay_env import selfplay_env as _env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,24 +113,6 @@ def _zero3(tmp_path, out, *, iterations, tied, extra=(), **env):
            "--num_processes", "2", "--main_process_port", str(_free_port()), str(SCRIPT)]
     cmd += _args(out, iterations, tied) + ["--train.per_device_batch_size", str(BATCH // 2)] + list(extra)
     return subprocess.run(cmd, cwd=ROOT, env=_env(**env), capture_output=True, text=True, timeout=800)
-
-
-def _metrics(out, kind):
-    rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [r for r in rows if r["kind"] == kind]
-
-
-def _generated(out, t, split):
-    rows = []
-    for p in sorted((Path(out) / f"iter_{t}").glob(f"generated-{split}-*.jsonl")):
-        rows += [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
-    return sorted(rows, key=lambda r: r["prompt_id"])
-
-
-def _weights(out, t):
-    from safetensors.torch import load_file
-
-    return load_file(str(Path(out) / f"iter_{t}" / "model" / "model.safetensors"))
 
 
 def _assert_same_run(z_out, single_out, iterations, tied, skipped=()):
