@@ -25,6 +25,14 @@ def test_presets_load():
         assert cfg.model.trust_remote_code is False
 
 
+@pytest.mark.parametrize("name", ["zephyr-7b.yaml", "qwen2.5-3b.yaml"])
+def test_model_presets_give_the_gap_test_at_least_512_heldout_prompts(name):
+    # The gap-adaptive α's classifier test runs on the held-out split (docs/math.md#alpha-schedule).
+    cfg = load_config(str(ROOT / "train" / "configs" / name))
+    assert cfg.loss.name == "iris" and cfg.loss.alpha_schedule in ("adaptive", "gap_adaptive")
+    assert cfg.data.eval is not None and cfg.data.max_eval_prompts >= 512
+
+
 def test_defaults_are_safe_and_follow_spin():
     cfg = Config()
     assert cfg.model.trust_remote_code is False

@@ -192,3 +192,20 @@ def test_bundled_data_is_reproducible_and_checkable(tmp_path):
         if r["task"] == "add":
             a, b = r["messages"][-2]["content"][len("What is "):-1].split("+")
             assert int(r["answer"]) == int(a) + int(b)
+
+
+def test_previous_synthetic_rows_become_rows_of_their_own():
+    from train.data import Example, prompt_sha, with_previous_synthetic
+
+    exs = [Example(i, f"r{i}", (5, 6 + i), (7, 8, i), None, prompt_sha((5, 6 + i))) for i in range(3)]
+    new = [{"prompt_id": e.prompt_id, "prompt_sha": e.prompt_sha, "response_ids": [9, e.prompt_id]} for e in exs]
+    old = [{"prompt_id": e.prompt_id, "prompt_sha": e.prompt_sha, "response_ids": [4, 4, e.prompt_id]} for e in exs]
+    rows, syn = with_previous_synthetic(exs, new, old)
+    assert [e.prompt_id for e in rows] == [0, 1, 2, 3, 4, 5] and [r["prompt_id"] for r in syn] == [0, 1, 2, 3, 4, 5]
+    assert rows[4].prompt_ids == exs[1].prompt_ids and rows[4].response_ids == exs[1].response_ids
+    assert syn[1]["response_ids"] == [9, 1] and syn[4]["response_ids"] == [4, 4, 1]
+    assert old[1]["prompt_id"] == 1  # the loaded rows are not modified
+    with pytest.raises(ValueError, match="train.mix_previous_synthetic"):
+        with_previous_synthetic(exs, new, old[:2])
+    with pytest.raises(ValueError, match="does not belong to prompt 2"):
+        with_previous_synthetic(exs, new, old[:2] + [{**old[2], "prompt_sha": "x"}])

@@ -288,3 +288,27 @@ def test_first_step_g_is_exactly_zero_in_bf16(tmp_path):
     assert first["real/max_weight"] == 1 / BATCH and first["syn/max_weight"] == 1 / BATCH
     rows = read_jsonl(out / "iter_0" / "reference-train-layout-r0of1.jsonl")
     assert sorted(r["prompt_id"] for r in rows) == list(range(N_TRAIN))
+
+
+def test_spin_mixing_trains_on_the_previous_synthetic_responses_too(tmp_path):
+    """train.mix_previous_synthetic: iteration 1 trains on 2n rows (twice the steps), the second n
+    paired with iteration 0's synthetic responses and scored under θ_1, with g = 0 at its first step."""
+    out = tmp_path / "mix"
+    _ok(_run(out, "--loss.name", "spin", "--loss.beta", "0.1", "--train.mix_previous_synthetic", "true",
+             "--eval.at_start", "false"))
+    train = _metrics(out, "train")
+    steps = {t: max(r["step_in_iteration"] for r in train if r["iteration"] == t) for t in (0, 1)}
+    assert steps == {0: STEPS, 1: 2 * STEPS}
+    assert [r["first_step_mean_abs_g"] for r in train if r["step_in_iteration"] == 1] == [0.0, 0.0]
+    first = read_jsonl(out / "iter_0" / "reference-train-layout-r0of1.jsonl")
+    mixed = read_jsonl(out / "iter_1" / "reference-train-layout-r0of1.jsonl")
+    assert [r["prompt_id"] for r in first] == list(range(N_TRAIN))
+    assert [r["prompt_id"] for r in mixed] == list(range(2 * N_TRAIN))
+    old, new = _generated(out, 0, "train"), _generated(out, 1, "train")
+    assert old != new
+    # Rows n + i pair prompt i with y'_0 (its token count) under θ_1 (another score than θ_0 gave it).
+    assert [r["n_syn"] for r in mixed[N_TRAIN:]] == [r["n_syn"] for r in first]
+    assert [r["n_real"] for r in mixed[N_TRAIN:]] == [r["n_real"] for r in mixed[:N_TRAIN]]
+    assert any(a["ref_syn"] != b["ref_syn"] for a, b in zip(mixed[N_TRAIN:], first))
+    state = torch.load(out / "iter_1" / "state.pt", weights_only=False)
+    assert state["global_step"] == 3 * STEPS

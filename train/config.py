@@ -136,6 +136,10 @@ class TrainConfig:
     # dropout, so dropout breaks g = 0 at θ = θ_t (first-step loss ≠ 0) and makes two forwards
     # of one batch differ (iris_kernels/integrations/dropout.py).
     keep_dropout: bool = False
+    # SPIN's data mixing: from iteration 1 on, train on the prompts paired with this iteration's
+    # synthetic responses AND with the previous iteration's (2n rows, twice the steps), all scored
+    # under the current opponent θ_t (train/data.py: with_previous_synthetic).
+    mix_previous_synthetic: bool = False
     log_steps: int = 1
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -38,6 +38,24 @@ class Example:
 
 def prompt_sha(prompt_ids: Sequence[int]) -> str:
     return hashlib.sha1(json.dumps(list(prompt_ids)).encode()).hexdigest()[:16]
+
+
+def with_previous_synthetic(examples: Sequence[Example], synthetic: Sequence[dict],
+                            previous: Sequence[dict]) -> tuple:
+    """SPIN's data mixing (Chen et al. 2024, §5.1: from iteration 1 on, the previous iteration's
+    synthetic responses are kept beside the new ones): the n prompts twice, the second copy with
+    prompt_id n + i and paired with y'_{t-1}. Returns (examples, synthetic) of length 2n; every
+    phase keys rows by prompt_id, so the copies are scored and trained as rows of their own."""
+    n = len(examples)
+    if len(synthetic) != n or len(previous) != n:
+        raise ValueError(f"train.mix_previous_synthetic: {n} prompts, {len(synthetic)} new and {len(previous)} "
+                         f"previous synthetic rows")
+    for ex, row in zip(examples, previous):
+        if row["prompt_id"] != ex.prompt_id or row["prompt_sha"] != ex.prompt_sha:
+            raise ValueError(f"train.mix_previous_synthetic: the previous iteration's row {row['prompt_id']} "
+                             f"does not belong to prompt {ex.prompt_id}")
+    copies = [replace(ex, prompt_id=n + ex.prompt_id) for ex in examples]
+    return list(examples) + copies, list(synthetic) + [{**r, "prompt_id": n + r["prompt_id"]} for r in previous]
 
 
 # ----------------------------------------------------------------------------- loading

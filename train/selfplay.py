@@ -35,7 +35,7 @@ from train.checkpoint import (Progress, load_iteration_state, load_training_chec
                               remove_training_checkpoint, save_iteration_state, save_training_checkpoint)
 from train.config import ConfigError, dump_config, flatten, parse_cli, usage_text, wants_help
 from train.deepspeed_support import fill_micro_batch_size, grad_norm_tensor, make_accelerator, whole_model_loading
-from train.data import build_examples, load_rows, step_micro_batches, stop_token_ids
+from train.data import build_examples, load_rows, step_micro_batches, stop_token_ids, with_previous_synthetic
 from train.evaluation import evaluate
 from train.faults import maybe_kill
 from train.generation import make_sampler
@@ -161,17 +161,23 @@ def main(argv=None) -> None:
             tokenizer, stop_ids, name="data.eval", **render)
     train_ex = splits["train"]
     global_batch = world * cfg.train.per_device_batch_size * cfg.train.gradient_accumulation_steps
-    steps_per_epoch = len(train_ex) // global_batch
-    if steps_per_epoch < 1:
+    if len(train_ex) // global_batch < 1:
         raise ValueError(
             f"train.per_device_batch_size: {len(train_ex)} training prompts cannot fill one global batch of "
             f"{global_batch} (= {world} processes x {cfg.train.per_device_batch_size} x "
             f"{cfg.train.gradient_accumulation_steps} accumulation steps)")
-    steps_per_iteration = cfg.train.epochs * steps_per_epoch
-    if cfg.train.max_steps is not None:
-        steps_per_iteration = min(steps_per_iteration, cfg.train.max_steps)
+
+    def rows_of(t: int) -> int:  # training rows of iteration t: 2n from iteration 1 on under SPIN's mixing
+        return len(train_ex) * (2 if cfg.train.mix_previous_synthetic and t > 0 else 1)
+
+    def steps_of(t: int) -> int:
+        steps = cfg.train.epochs * (rows_of(t) // global_batch)
+        return steps if cfg.train.max_steps is None else min(steps, cfg.train.max_steps)
+
     log(f"{len(train_ex)} train / {len(splits.get('heldout', []))} held-out prompts, {world} process(es), "
-        f"global batch {global_batch}, {steps_per_iteration} steps per iteration, starting at iteration {start}")
+        f"global batch {global_batch}, {steps_of(0)} steps per iteration"
+        + (f" ({steps_of(1)} from iteration 1 on: the previous synthetic responses are mixed in)"
+           if cfg.train.mix_previous_synthetic else "") + f", starting at iteration {start}")
     log(f"parallelism: {describe_parallelism(accelerator)}")
     # Only now, with the model and the data loaded: a run that fails at start-up leaves no
     # output folder (or, when resuming, no new config.yaml) behind, so its corrected rerun is a
@@ -182,7 +188,7 @@ def main(argv=None) -> None:
     accelerator.wait_for_everyone()
 
     # ---------------------------------------------------------------- run state carried across iterations
-    alpha_schedule = build_alpha_schedule(cfg.loss, total_steps=iterations * steps_per_iteration)
+    alpha_schedule = build_alpha_schedule(cfg.loss, total_steps=sum(steps_of(t) for t in range(iterations)))
     global_step = 0
     if start > 0:
         state = load_iteration_state(out / f"iter_{start - 1}" / "state.pt")
@@ -252,10 +258,16 @@ def main(argv=None) -> None:
                 accelerator.wait_for_everyone()
             synthetic[split] = load_sharded(examples, out_dir=it, prefix=f"generated-{split}",
                                             shard_size=cfg.generation.shard_size)
+        rows = {split: examples for split, examples in splits.items()}  # the rows this iteration scores
+        if cfg.train.mix_previous_synthetic and t > 0:
+            previous = load_sharded(train_ex, out_dir=out / f"iter_{t - 1}", prefix="generated-train",
+                                    shard_size=cfg.generation.shard_size)
+            rows["train"], synthetic["train"] = with_previous_synthetic(train_ex, synthetic["train"], previous)
+        steps_per_iteration = steps_of(t)
 
         # ------------------------------------------------------------ b. score both responses under θ_t, once
         reference = {}
-        for split, examples in splits.items():
+        for split, examples in rows.items():
             if split == "train":
                 # In the training micro-batches, through the training forward: g = 0 exactly at θ = θ_t.
                 if not trained:
@@ -284,7 +296,10 @@ def main(argv=None) -> None:
             reference[split] = load_sharded(examples, out_dir=it, prefix=f"reference-{split}",
                                             shard_size=cfg.generation.shard_size)
         if is_main and not trained:  # the same pairs as a TRL preference dataset (train/trl_export.py)
-            write_trl_pairs(it, cfg, tokenizer, splits, synthetic, reference)
+            # This iteration's own pairs (under SPIN's mixing, the first n rows; the rest are in iter_{t-1}'s file).
+            n = len(train_ex)
+            write_trl_pairs(it, cfg, tokenizer, splits, {**synthetic, "train": synthetic["train"][:n]},
+                            {**reference, "train": reference["train"][:n]})
 
         # ------------------------------------------------------------ c. train θ_{t+1}
         if trained:
@@ -315,10 +330,10 @@ def main(argv=None) -> None:
                        disable=not is_main, dynamic_ncols=True)
             while progress.step_in_iteration < steps_per_iteration:
                 micro = [
-                    objective.make_batch([train_ex[i] for i in idx], [synthetic["train"][i] for i in idx],
+                    objective.make_batch([rows["train"][i] for i in idx], [synthetic["train"][i] for i in idx],
                                          [reference["train"][i] for i in idx], pad_id=tokenizer.pad_token_id,
                                          max_length=cfg.data.max_length)
-                    for idx in step_micro_batches(len(train_ex), progress.step_in_iteration,
+                    for idx in step_micro_batches(len(rows["train"]), progress.step_in_iteration,
                                                   per_device=cfg.train.per_device_batch_size,
                                                   accumulation=cfg.train.gradient_accumulation_steps,
                                                   rank=rank, world=world, seed=cfg.seed, iteration=t)

@@ -62,14 +62,17 @@ METHODS = {
 }
 REGIMES = ("R", "F")
 # Ablations (--ablations, on the first 3 seeds, regime R, from θ_0 unless noted): IRIS-v2 with
-# β ∈ {0.1, 0.5}; generation at temperature 0.8 / top-p 0.95; a capacity arm (4 layers × 128
-# hidden: its own θ_0, then IRIS-v2 and SFT-continued). SPIN's mixing of the previous iteration's
-# synthetic data is not offered by the harness yet, so it is not among them.
+# β ∈ {0.1, 0.5}; generation at temperature 0.8 / top-p 0.95; SPIN with the previous iteration's
+# synthetic responses mixed into the training rows (the harness's train.mix_previous_synthetic,
+# as the SPIN paper trains from iteration 1 on); a capacity arm (4 layers × 128 hidden: its own
+# θ_0, then IRIS-v2 and SFT-continued). Each takes the learning rate tuned for its base method.
 ABLATIONS = {
     "iris_v2_beta0.1": {**METHODS["iris_v2"], "loss.beta": 0.1},
     "iris_v2_beta0.5": {**METHODS["iris_v2"], "loss.beta": 0.5},
     "iris_v2_t0.8": {**METHODS["iris_v2"], "generation.temperature": 0.8, "generation.top_p": 0.95},
+    "spin_mix": {**METHODS["spin"], "train.mix_previous_synthetic": True},
 }
+ABLATION_BASE = {"spin_mix": "spin"}  # the method whose tuned learning rate an ablation uses; else iris_v2
 CAPACITY = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4,
             "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
             "tie_word_embeddings": True}
@@ -182,10 +185,15 @@ class Measure(kd.Measurer):
         self.ps_ex = build_examples(psample_rows, tok, self.stop_ids, name="psamples", **render)
         self.logp_data_ps = np.array([r["logp_data"] for r in psample_rows])
 
-    def __call__(self, model_dir: Path) -> dict:
+    def __call__(self, model_dir: Path, full: bool = True) -> dict:
+        """Every measure (``full``), or only the forward KL and test NLL (a run's earlier
+        iterations: a third of the cost; the p-samples and model samples are skipped)."""
         cache = Path(model_dir) / "measure_pr.json"
         if cache.exists():
             return json.loads(cache.read_text())
+        light = Path(model_dir) / "measure_pr_kl.json"
+        if not full and light.exists():
+            return json.loads(light.read_text())
         from transformers import AutoModelForCausalLM
 
         from train.generation import generate_responses
@@ -196,6 +204,12 @@ class Measure(kd.Measurer):
         seq = SequenceLogprobs(model)
         lq = self._score(seq, self.test_ex, [e.response_ids for e in self.test_ex])
         d = self.logp_data_test - lq
+        if not full:
+            result = {"forward_kl": float(d.mean()), "forward_kl_se": float(d.std(ddof=1) / math.sqrt(len(d))),
+                      "forward_kl_rows": [round(float(x), 5) for x in d],
+                      "test_nll_per_token": float(-lq.sum() / self.test_tokens)}
+            light.write_text(json.dumps(result))
+            return result
         lq_ps = self._score(seq, self.ps_ex, [e.response_ids for e in self.ps_ex])
         log_ratio = lq_ps - self.logp_data_ps  # log q/p on p-samples
         rows = []
@@ -279,10 +293,20 @@ class Seed:
                                  "model.init_config": None, "train.iterations": n_iter, "optim.lr": lr})
         its = []
         for t in range(n_iter):
-            measured = measure and (t == n_iter - 1 or not self.cfg.get("measure_final_only"))
-            its.append({**(self.measure(run_dir / f"iter_{t}" / "model") if measured else {}),
+            final = t == n_iter - 1
+            measured = measure and (final or not self.cfg.get("measure_final_only"))
+            its.append({**(self.measure(run_dir / f"iter_{t}" / "model", full=final) if measured else {}),
                         **harness_per_iteration(run_dir, t, method)})
         return its
+
+
+def complete(its, T: int, cfg: dict) -> bool:
+    """A run with all T iterations, each measured (only the last under --measure-final-only);
+    an incomplete one is rerun: the harness resumes after its last finished iteration and the
+    measures are cached beside each model, so only what is missing is computed."""
+    if its is None or len(its) != T:
+        return False
+    return cfg.get("measure_final_only") or all(x.get("forward_kl") is not None for x in its)
 
 
 def run_ablations(lang, tok, out: Path, seed: int, cfg: dict, lrs: dict, results: dict, save) -> None:
@@ -291,8 +315,9 @@ def run_ablations(lang, tok, out: Path, seed: int, cfg: dict, lrs: dict, results
     theta0 = s.theta0()
     for name in ABLATIONS:
         key = f"abl/{name}/R"
-        if len(runs.get(key, [])) != T:
-            runs[key] = s.run(f"abl_{name}_R", theta0, s.data["R"], name, lr_of(lrs, "iris_v2", "R"), T)
+        if not complete(runs.get(key), T, cfg):
+            runs[key] = s.run(f"abl_{name}_R", theta0, s.data["R"], name,
+                              lr_of(lrs, ABLATION_BASE.get(name, "iris_v2"), "R"), T)
             kd.log(f"seed {seed}: {key}: forward KL {kls(runs[key])}")
             save()
     if "capacity_theta0" not in s.R:
@@ -303,7 +328,7 @@ def run_ablations(lang, tok, out: Path, seed: int, cfg: dict, lrs: dict, results
     start = s.R["capacity_theta0"]["sft"]["model"]
     for method in ("iris_v2", "sft_cont"):
         key = f"abl/capacity_{method}/R"
-        if len(runs.get(key, [])) != T:
+        if not complete(runs.get(key), T, cfg):
             runs[key] = s.run(f"abl_capacity_{method}_R", start, s.data["R"], method, lr_of(lrs, method, "R"), T)
             save()
 
@@ -354,7 +379,7 @@ def run_seed(lang, tok, out: Path, seed: int, cfg: dict, lrs: dict, results: dic
     for method in cfg["methods"]:
         for regime in REGIMES:
             key = f"{method}/{regime}"
-            if len(runs.get(key, [])) == T:
+            if complete(runs.get(key), T, cfg):
                 continue
             t0 = time.time()
             runs[key] = s.run(f"{method}_{regime}", theta0, s.data[regime], method, lr_of(lrs, method, regime), T)
@@ -362,7 +387,7 @@ def run_seed(lang, tok, out: Path, seed: int, cfg: dict, lrs: dict, results: dic
             save()
     if not cfg["baselines"]:
         return
-    if len(runs.get("sft_cont/SF", [])) != T:
+    if not complete(runs.get("sft_cont/SF"), T, cfg):
         runs["sft_cont/SF"] = s.run("sft_cont_SF", theta0, s.data["SF"], "sft_cont", lr_of(lrs, "sft_cont", "F"), T)
         save()
     for key, train in (("sft_9n", "SF"), ("sft_16n", "16n")):
@@ -373,7 +398,7 @@ def run_seed(lang, tok, out: Path, seed: int, cfg: dict, lrs: dict, results: dic
             save()
     fp_start = R["sft_16n"]["sft"]["model"]
     for method in ("iris_v2", "sft_cont"):
-        if len(runs.get(f"fp/{method}", [])) != T:
+        if not complete(runs.get(f"fp/{method}"), T, cfg):
             runs[f"fp/{method}"] = s.run(f"fp_{method}", fp_start, s.data["R"], method, lr_of(lrs, method, "R"), T)
             save()
     if "theta0_half" not in R:
@@ -382,7 +407,7 @@ def run_seed(lang, tok, out: Path, seed: int, cfg: dict, lrs: dict, results: dic
     for method in ("iris_v2", "sft_cont"):
         for regime in REGIMES:
             key = f"half/{method}/{regime}"
-            if len(runs.get(key, [])) != T:
+            if not complete(runs.get(key), T, cfg):
                 runs[key] = s.run(f"half_{method}_{regime}", s.theta0_half(), s.data[regime], method,
                                   lr_of(lrs, method, regime), T)
                 save()
@@ -440,8 +465,23 @@ def summarize(results: dict, cfg: dict) -> dict:
         contrasts.append({"contrast": label, "a": a, "b": b, **paired(diffs)})
     for c, p in zip(contrasts, holm([c["p"] for c in contrasts])):
         c["p_holm"] = p
+    single = {}
+    for key in SINGLE_MODELS:
+        vals = [s[key] for s in seeds.values() if isinstance(s.get(key), dict)]
+        if vals:
+            single[key] = {m: dict(zip(("mean", "ci95", "n"), kd.mean_ci([v.get(m) for v in vals])))
+                           for m in ("forward_kl", "d_half", "tv", "invalid_frac", "test_nll_per_token")}
     return {"per_iteration": per_key, "change_from_theta0": change, "best_fixed_alpha": best_fixed,
-            "primary_contrasts": contrasts, "n_seeds": len(seeds)}
+            "primary_contrasts": contrasts, "single_models": single, "n_seeds": len(seeds)}
+
+
+SINGLE_MODELS = {  # models trained once per seed (no self-play iterations)
+    "theta0": "θ_0: SFT on S (8n) from init, validation-stopped",
+    "theta0_half": "θ_0^½: the same run stopped at half θ_0's epochs",
+    "sft_9n": "SFT from init on S ∪ F (9n)",
+    "sft_16n": "SFT from init on 16n (the fixed-point arm's start)",
+    "capacity_theta0": "capacity arm's θ_0 (4 layers × 128 hidden) on S",
+}
 
 
 def fmt(m, d=3):
@@ -450,16 +490,42 @@ def fmt(m, d=3):
     return f"{m['mean']:.{d}f}" + (f" ± {m['ci95']:.{d}f}" if m.get("ci95") is not None else "")
 
 
-def table(summary: dict, cfg: dict) -> str:
+def table(summary: dict, cfg: dict, tuning: dict = None) -> str:
     T = cfg["iterations"]
     lines = [f"Seeds: {summary['n_seeds']}. Mean ± 95 % t-interval over seeds; θ_T after T = {T} iterations.", "",
-             "| run | fwd KL θ_T | Δ fwd KL vs θ_0 (paired) | D_½ | TV | invalid | V-NLL/token | u_T | α_T | mean abs g, first step |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| model trained once per seed | fwd KL | D_½ | TV | invalid | test NLL/token |", "|---|---|---|---|---|---|"]
+    for key, m in summary.get("single_models", {}).items():
+        lines.append(f"| {SINGLE_MODELS[key]} | {fmt(m['forward_kl'])} | {fmt(m['d_half'])} | {fmt(m['tv'])} | "
+                     f"{fmt(m['invalid_frac'])} | {fmt(m['test_nll_per_token'])} |")
+    lines += ["", "Forward KL per iteration (nats / response):", "",
+              "| run | " + " | ".join(f"t = {t + 1}" for t in range(T)) + " |", "|---" * (T + 1) + "|"]
+    for key, rows in summary["per_iteration"].items():
+        lines.append(f"| {key} | " + " | ".join(fmt(r["forward_kl"]) for r in rows) + " |")
+    lines += ["", "IRIS-v2's gap u_t and order α_t per iteration (u_t measured on V before iteration t's training):",
+              "", "| run | " + " | ".join(f"u, α at t = {t + 1}" for t in range(T)) + " |", "|---" * (T + 1) + "|"]
+    for key, rows in summary["per_iteration"].items():
+        if key.split("/")[0] in ("iris_v2", "fp", "half") and "iris_v2" in key:
+            lines.append(f"| {key} | " + " | ".join(f"{fmt(r['gap_u'])}, {fmt(r['alpha'], 2)}" for r in rows) + " |")
+    lines += [""]
+    lines += ["Learning-rate choice on the tuning seed: V-NLL/token after "
+              f"{(tuning or {}).get('tune_iterations', 2)} iterations (chosen: lowest), and the forward KL of the "
+              "same models (the sensitivity table; never used to choose):", "",
+              "| method/regime | " + " | ".join(f"lr {lr:g}" for lr in (tuning or {}).get("grid", [])) + " | chosen |",
+              "|---" * (len((tuning or {}).get("grid", [])) + 2) + "|"]
+    for key, scores in (tuning or {}).get("val_nll", {}).items():
+        kl = tuning.get("forward_kl", {}).get(key, {})
+        cells = [f"{scores[f'{lr:g}']:.4f} / {kl.get(f'{lr:g}', float('nan')):.3f}" if f"{lr:g}" in scores else "—"
+                 for lr in tuning["grid"]]
+        lines.append(f"| {key} | " + " | ".join(cells) + f" | {tuning['chosen'].get(key, float('nan')):g} |")
+    lines += ["",
+             "| run | fwd KL θ_T | Δ fwd KL vs θ_0 (paired) | D_½ | TV | invalid | V-NLL/token | u_T | α_T | ESS/N annotated, synthetic | mean abs g, first step |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, rows in summary["per_iteration"].items():
         r = rows[-1]
         lines.append(f"| {key} | {fmt(r['forward_kl'])} | {fmt(summary['change_from_theta0'].get(key))} | "
                      f"{fmt(r['d_half'])} | {fmt(r['tv'])} | {fmt(r['invalid_frac'])} | {fmt(r['nll'])} | "
-                     f"{fmt(r['gap_u'])} | {fmt(r['alpha'])} | {fmt(r['first_step_mean_abs_g'], 2)} |")
+                     f"{fmt(r['gap_u'])} | {fmt(r['alpha'])} | {fmt(r['ess_real_frac'], 2)}, {fmt(r['ess_syn_frac'], 2)} | "
+                     f"{fmt(r['first_step_mean_abs_g'], 2)} |")
     lines += ["", "| primary contrast (a − b, forward KL at T) | mean ± 95 % | seeds | p | p (Holm) |", "|---|---|---|---|---|"]
     for c in summary["primary_contrasts"]:
         p = "—" if c["p"] is None else f"{c['p']:.3g}"
@@ -560,7 +626,7 @@ def main(argv=None) -> None:
     def publish():
         save()
         (res_dir / "paper_regime.json").write_text(json.dumps(results))
-        (res_dir / "table.md").write_text(table(results["summary"], cfg))
+        (res_dir / "table.md").write_text(table(results["summary"], cfg, results.get("tuning")))
         plot(results["summary"], cfg, res_dir)
 
     if args.report:
