@@ -23,8 +23,10 @@ Same language (``language.py``) and model (``train/configs/known-distribution.ya
   iteration (its design: the opponent changes, so the moments are reset);
 * measures per saved model (``measure_pr.json`` beside it): forward KL on the test rows (mean,
   SE, per-row values), D_½ = −2·log E_p[√(q/p)] and TV = ½(E_p|1 − q/p| + q-mass p_data cannot
-  produce) from the p-samples, the invalid mass from model samples, test NLL/token; from the
-  harness per iteration: V-NLL, u_t, α_t, ESS/N per term, mean |g| at the first step;
+  produce) from the p-samples, the invalid mass from model samples, test NLL/token; a run's earlier
+  iterations get the forward KL and test NLL only (``measure_pr_kl.json``: the p-samples and model
+  samples are two thirds of a measure's cost); from the harness per iteration: V-NLL, u_t, α_t,
+  ESS/N per term, mean |g| at the first step;
 * primary contrasts at iteration T, paired over seeds, Holm-corrected (two-sided paired t).
 
 Outputs in ``--results`` (default ``train/experiments/results/paper_regime/``): ``paper_regime.json``,
