@@ -46,7 +46,7 @@ def test_quick_run_json_shape(tmp_path):
                            "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=850)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = out / "results"
-    for name in ("paper_regime.json", "table.md", "kl_vs_iteration.png"):
+    for name in ("paper_regime.json", "table.md", "kl_vs_iteration.png", "contrasts.png"):
         assert (res / name).stat().st_size > 0, name
     r = json.loads((res / "paper_regime.json").read_text())
     assert r["quick"] is True and r["config"]["iterations"] == 2 and r["warmup_ratio"] == 0.25

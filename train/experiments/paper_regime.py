@@ -30,7 +30,7 @@ Same language (``language.py``) and model (``train/configs/known-distribution.ya
 * primary contrasts at iteration T, paired over seeds, Holm-corrected (two-sided paired t).
 
 Outputs in ``--results`` (default ``train/experiments/results/paper_regime/``): ``paper_regime.json``,
-``table.md``, ``kl_vs_iteration.png``. Nothing is claimed here; the README reports what a run gave.
+``table.md``, ``kl_vs_iteration.png``, ``contrasts.png``. Nothing is claimed here; the README reports what a run gave.
 """
 from __future__ import annotations
 
@@ -545,7 +545,7 @@ def plot(summary: dict, cfg: dict, res_dir: Path) -> None:
     fig, ax = plt.subplots(1, 2, figsize=(13, 4.5), sharey=True)
     for a, regime in zip(ax, REGIMES):
         for key, rows in summary["per_iteration"].items():
-            if not key.endswith(f"/{regime}") or key.startswith(("fp/", "half/")):
+            if not key.endswith(f"/{regime}") or key.startswith(("fp/", "half/", "abl/")):
                 continue
             pts = [(t + 1, r["forward_kl"]["mean"], r["forward_kl"]["ci95"] or 0) for t, r in enumerate(rows)
                    if r["forward_kl"]["mean"] is not None]  # --measure-final-only: the last iteration only
@@ -558,6 +558,20 @@ def plot(summary: dict, cfg: dict, res_dir: Path) -> None:
     fig.tight_layout()
     fig.savefig(res_dir / "kl_vs_iteration.png", dpi=110)
     plt.close(fig)
+
+    # The primary contrasts as a forest plot: paired mean difference ± 95 % t-interval over seeds.
+    rows = [c for c in summary["primary_contrasts"] if c.get("mean") is not None]
+    if rows:
+        fig, a = plt.subplots(figsize=(9, 0.55 * len(rows) + 1.2))
+        y = np.arange(len(rows))[::-1]
+        a.errorbar([c["mean"] for c in rows], y, xerr=[c["ci95"] or 0 for c in rows], fmt="o", capsize=4)
+        a.axvline(0.0, color="grey", lw=0.8)
+        a.set_yticks(y, [f"{c['contrast']}  (p_Holm {c['p_holm']:.2g})" if c.get("p_holm") is not None
+                         else c["contrast"] for c in rows], fontsize=8)
+        a.set_xlabel("a − b: paired difference of forward KL at iteration T [nats / response]; < 0: a closer to p_data", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(res_dir / "contrasts.png", dpi=110)
+        plt.close(fig)
 
 
 def main(argv=None) -> None:
