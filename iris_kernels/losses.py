@@ -59,7 +59,8 @@ from .loss_terms import (
     _term_local_stats,
     _value_checks,
 )
-from .tilted import SERIES_EPS, _as_t, _resolve_backend, kappa_from_stats, tilted_risk
+from .tilted import SERIES_EPS, kappa_from_stats  # noqa: F401  (re-exported: iris_kernels.losses keeps its names)
+from .tilted import _as_t, _resolve_backend, tilted_risk
 
 __all__ = [
     "tilted_risk",
