@@ -256,7 +256,7 @@ def _(x, t, stats, grad, grad_scale, out_dtype):
     return x.new_empty(x.shape[0], dtype=out_dtype)
 
 
-class tilted_kernels:  # noqa: N801 - stands in for the ops.tilted_risk module in losses.py
+class tilted_kernels:  # noqa: N801 - stands in for the ops.tilted_risk module in tilted.py
     """``ops.tilted_risk``'s two entry points: direct kernel launches in eager mode, the custom
     ops above while torch.compile traces."""
 

@@ -21,12 +21,12 @@ from iris_kernels.distributed import (
     merge_term_stats,
 )
 from iris_kernels.losses import (
-    _tilted_stats_torch,
     get_loss,
     iris_loss,
     kappa_from_stats,
     loss_term_stats,
 )
+from iris_kernels.tilted import _tilted_stats_torch
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,7 +340,8 @@ def test_merge_keeps_a_part_whose_entries_are_all_minus_infinity_out_of_the_shif
     # wash out a part whose log-sum-exp sits far below it.
     from iris_kernels.distributed import TILTED as _TILTED
     from iris_kernels.distributed import merge_stats
-    from iris_kernels.losses import _tilted_stats_torch, kappa_from_stats
+    from iris_kernels.losses import kappa_from_stats
+    from iris_kernels.tilted import _tilted_stats_torch
 
     t = torch.tensor(1.0, dtype=torch.float64)
     low = torch.tensor([-1000.0, -1001.5, -999.0], dtype=torch.float64)

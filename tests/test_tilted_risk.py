@@ -85,7 +85,7 @@ def test_triton_kernel_matches_torch(n, t, scale):
 
 def test_kernel_statistics_match_torch_statistics():
     """The one-pass (online max, pairwise-merged moments) statistics equal the two-pass ones."""
-    from iris_kernels.losses import _tilted_stats_torch
+    from iris_kernels.tilted import _tilted_stats_torch
     from iris_kernels.ops.tilted_risk import NUM_STATS, tilted_risk_fwd
 
     assert NUM_STATS == NUM_TILTED_STATS
@@ -100,7 +100,7 @@ def test_kernel_statistics_match_torch_statistics():
 def test_fp64_internals_are_accurate_on_both_sides_of_the_series_switch(backend):
     """Before the fp32 cast, κ is good to ~1e-11 of the spread on both sides of the switch, in
     the kernel and in the PyTorch path: tighter than any fp32 check, so it pins the series' terms."""
-    from iris_kernels.losses import _local_tilted_stats
+    from iris_kernels.tilted import _local_tilted_stats
 
     x = _random_batch(301, 2.0, seed=17).double()
     spread = (x.max() - x.min()).item()
