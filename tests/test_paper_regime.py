@@ -46,7 +46,7 @@ def test_quick_run_json_shape(tmp_path):
                            "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=850)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = out / "results"
-    for name in ("paper_regime.json", "table.md", "kl_vs_iteration.png", "contrasts.png"):
+    for name in ("paper_regime.json", "forward_kl_rows.npz", "table.md", "kl_vs_iteration.png", "contrasts.png"):
         assert (res / name).stat().st_size > 0, name
     r = json.loads((res / "paper_regime.json").read_text())
     assert r["quick"] is True and r["config"]["iterations"] == 2 and r["warmup_ratio"] == 0.25
@@ -64,8 +64,12 @@ def test_quick_run_json_shape(tmp_path):
                 assert 0 <= m["tv"] <= 1 and 0 <= m["invalid_frac"] <= 1 and m["d_half"] >= -1e-9
             else:
                 assert "d_half" not in m
-            assert len(m["forward_kl_rows"]) == r["config"]["n_test"]
-            assert m["forward_kl"] == pytest.approx(float(np.mean(m["forward_kl_rows"])), abs=1e-4)
+            assert "forward_kl_rows" not in m  # published in forward_kl_rows.npz
+    rows = np.load(res / "forward_kl_rows.npz")
+    assert {"0|theta0", "0|iris_v2/R", "0|iris_v2/F", "0|sft_cont/R", "0|sft_cont/F"} <= set(rows.files)
+    for key in ("iris_v2/R", "sft_cont/F"):
+        assert rows[f"0|{key}"].shape == (r["config"]["n_test"],)
+        assert seed["runs"][key][-1]["forward_kl"] == pytest.approx(float(rows[f"0|{key}"].mean()), abs=1e-4)
     for m in seed["runs"]["iris_v2/R"] + seed["runs"]["iris_v2/F"]:
         assert 0 <= m["gap_u"] <= 1 and m["alpha"] == pytest.approx(0.5 + 1.5 * m["gap_u"])
         assert m["first_step_mean_abs_g"] == 0.0  # the reference pass agrees with the training pass

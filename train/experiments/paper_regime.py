@@ -29,7 +29,9 @@ Same language (``language.py``) and model (``train/configs/known-distribution.ya
   ESS/N per term, mean |g| at the first step;
 * primary contrasts at iteration T, paired over seeds, Holm-corrected (two-sided paired t).
 
-Outputs in ``--results`` (default ``train/experiments/results/paper_regime/``): ``paper_regime.json``,
+Outputs in ``--results`` (default ``train/experiments/results/paper_regime/``): ``paper_regime.json``
+(every number but the per-row values), ``forward_kl_rows.npz`` (per-row forward KL of the final
+models the primary contrasts pair, key "seed|run"),
 ``table.md``, ``kl_vs_iteration.png``, ``contrasts.png``. Nothing is claimed here; the README reports what a run gave.
 """
 from __future__ import annotations
@@ -468,6 +470,11 @@ def summarize(results: dict, cfg: dict) -> dict:
     change = {key: paired([s["runs"][key][-1]["forward_kl"] - start_kl(s, key) for s in seeds.values()
                            if len(s.get("runs", {}).get(key, [])) == T and start_kl(s, key) is not None])
               for key in keys}
+    # Per iteration, paired over seeds: what the plot shows (the seeds' θ_0 differ by more than the methods).
+    change_t = {key: [paired([s["runs"][key][t].get("forward_kl", float("nan")) - start_kl(s, key)
+                              for s in seeds.values()
+                              if len(s.get("runs", {}).get(key, [])) == T and start_kl(s, key) is not None])
+                      for t in range(T)] for key in keys}
     # The best fixed α per regime: lowest mean final forward KL over seeds (chosen on the same
     # seeds: stated as such in the write-up, a selection that favours the fixed α).
     best_fixed = {}
@@ -499,7 +506,8 @@ def summarize(results: dict, cfg: dict) -> dict:
         if vals:
             single[key] = {m: dict(zip(("mean", "ci95", "n"), kd.mean_ci([v.get(m) for v in vals])))
                            for m in ("forward_kl", "d_half", "tv", "invalid_frac", "test_nll_per_token")}
-    return {"per_iteration": per_key, "change_from_theta0": change, "best_fixed_alpha": best_fixed,
+    return {"per_iteration": per_key, "change_from_theta0": change, "change_per_iteration": change_t,
+            "best_fixed_alpha": best_fixed,
             "primary_contrasts": contrasts, "secondary_contrasts": secondary, "single_models": single,
             "n_seeds": len(seeds)}
 
@@ -511,6 +519,34 @@ SINGLE_MODELS = {  # models trained once per seed (no self-play iterations)
     "sft_16n": "SFT from init on 16n (the fixed-point arm's start)",
     "capacity_theta0": "capacity arm's θ_0 (4 layers × 128 hidden) on S",
 }
+
+
+def split_rows(results: dict):
+    """(the results without per-row values, {"seed|key": float32 per-row forward KL}): the rows of
+    the final models the primary contrasts pair (θ_0, SFT 9n / 16n, IRIS-v2, SFT-continued, the best
+    fixed α, the fixed-point runs), so that any paired analysis of them can be redone from the
+    published files; every other model's rows stay in its measure_pr.json in the work folder
+    (all of them would be ~60 MB of JSON)."""
+    import copy
+
+    slim = copy.deepcopy(results)
+    best = slim.get("summary", {}).get("best_fixed_alpha", {})
+    keep = {"theta0", "sft_9n", "sft_16n", "fp/iris_v2", "fp/sft_cont"} | {f"{m}/{r}" for m in ("iris_v2", "sft_cont")
+                                                                          for r in REGIMES}
+    keep |= {f"{m}/{r}" for r, m in best.items()}
+    rows = {}
+    for seed, sr in slim.get("seeds", {}).items():
+        for key, value in sr.items():
+            if isinstance(value, dict) and "forward_kl_rows" in value:
+                r = value.pop("forward_kl_rows")
+                if key in keep:
+                    rows[f"{seed}|{key}"] = np.asarray(r, dtype=np.float32)
+        for key, its in sr.get("runs", {}).items():
+            for t, m in enumerate(its):
+                r = m.pop("forward_kl_rows", None)
+                if r is not None and key in keep and t == len(its) - 1:
+                    rows[f"{seed}|{key}"] = np.asarray(r, dtype=np.float32)
+    return slim, rows
 
 
 def fmt(m, d=3):
@@ -578,16 +614,19 @@ def plot(summary: dict, cfg: dict, res_dir: Path) -> None:
 
     fig, ax = plt.subplots(1, 2, figsize=(13, 4.5), sharey=True)
     for a, regime in zip(ax, REGIMES):
-        for key, rows in summary["per_iteration"].items():
-            if not key.endswith(f"/{regime}") or key.startswith(("fp/", "half/", "abl/")):
-                continue
-            pts = [(t + 1, r["forward_kl"]["mean"], r["forward_kl"]["ci95"] or 0) for t, r in enumerate(rows)
-                   if r["forward_kl"]["mean"] is not None]  # --measure-final-only: the last iteration only
+        keys = [k for k in summary.get("change_per_iteration", {})
+                if k.endswith(f"/{regime}") and not k.startswith(("fp/", "half/", "abl/"))]
+        for i, key in enumerate(keys):
+            rows = summary["change_per_iteration"][key]
+            pts = [(t + 1 + 0.03 * (i - len(keys) / 2), r["mean"], r["ci95"] or 0) for t, r in enumerate(rows)
+                   if r["mean"] is not None]  # --measure-final-only: the last iteration only
             if pts:
                 a.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
                            capsize=3, label=key.split("/")[0])
+        a.axhline(0.0, color="grey", lw=0.8)
+        a.set_xticks(range(1, cfg["iterations"] + 1))
         a.set(xlabel="self-play iteration", title=f"regime {regime} ({'reused S rows' if regime == 'R' else 'fresh rows'})")
-    ax[0].set_ylabel("KL(p_data ‖ p_θ) [nats / response]")
+    ax[0].set_ylabel("Δ KL(p_data ‖ p_θ) from θ_0, paired [nats]")
     ax[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(res_dir / "kl_vs_iteration.png", dpi=110)
@@ -604,7 +643,7 @@ def plot(summary: dict, cfg: dict, res_dir: Path) -> None:
                          else c["contrast"] for c in rows], fontsize=8)
         a.set_xlabel("a − b: paired difference of forward KL at iteration T [nats / response]; < 0: a closer to p_data", fontsize=9)
         fig.tight_layout()
-        fig.savefig(res_dir / "contrasts.png", dpi=110)
+        fig.savefig(res_dir / "contrasts.png", dpi=110, bbox_inches="tight")
         plt.close(fig)
 
 
@@ -675,7 +714,9 @@ def main(argv=None) -> None:
 
     def publish():
         save()
-        (res_dir / "paper_regime.json").write_text(json.dumps(results))
+        slim, rows = split_rows(results)
+        (res_dir / "paper_regime.json").write_text(json.dumps(slim))
+        np.savez_compressed(res_dir / "forward_kl_rows.npz", **rows)
         (res_dir / "table.md").write_text(table(results["summary"], cfg, results.get("tuning")))
         plot(results["summary"], cfg, res_dir)
 
