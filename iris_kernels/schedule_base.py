@@ -58,11 +58,16 @@ class AlphaSchedule:
     def __call__(self, step: Optional[int] = None) -> float:
         return self.alpha(step)
 
-    def accumulate_gap(self, syn_token_logps: torch.Tensor, real_token_logps: torch.Tensor) -> None:
-        """No-op except for the adaptive schedule."""
+    def accumulate_gap(self, *args: Any, **kwargs: Any) -> None:
+        """No-op except for ``TemperatureScoreAlpha``."""
 
-    def update_gap(self, syn_token_logps=None, real_token_logps=None, *, group=None) -> Optional[float]:
-        """No-op except for the adaptive schedule; returns None."""
+    def update_gap(self, *args: Any, **kwargs: Any) -> Optional[float]:
+        """No-op except for the two gap-reading schedules; returns None.
+
+        Takes whatever either of them takes (``GapAdaptiveAlpha``: real and synthetic held-out
+        features, ``seed=``, ``real_keys=``/``syn_keys=``, ``group=``; ``TemperatureScoreAlpha``:
+        synthetic and annotated per-token log-probs, ``group=``), so that a loop written for one
+        runs unchanged with a schedule that reads no gap."""
         return None
 
     # Subclasses list their constructor arguments here; state_dict stores them so that loading a

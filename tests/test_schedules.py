@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from iris_kernels.schedules import (
+    SCHEDULES,
     AlphaSchedule,
     GapAdaptiveAlpha,
     ConstantAlpha,
@@ -538,3 +539,17 @@ def test_gap_alpha_identical_on_every_rank():
     assert out[0] == out[1]  # identical on both ranks
     assert out[0] == (single.alpha(0), single.last_u, single.last_metrics)  # = one process with every row
     assert 0.5 < single.alpha(0) < 2.0
+
+
+@pytest.mark.parametrize("name", sorted(set(SCHEDULES) - {"gap_adaptive", "temperature_score"}))
+def test_a_loop_written_for_a_gap_schedule_runs_with_the_others(name):
+    # README's own-trainer loop calls update_gap(real, syn, seed=...) unconditionally; a schedule
+    # that reads no gap must accept it (and the temperature-score call) and keep its α.
+    s = make_schedule(name, **({"num_steps": 10, "alpha_start": 2.0, "alpha_end": 0.5} if name in ("linear", "cosine") else {}))
+    before = [s.alpha(k) for k in (0, 5, 9)]
+    g = torch.Generator().manual_seed(0)
+    real, syn = torch.randn(6, 4, generator=g), torch.randn(5, 4, generator=g)
+    assert s.update_gap(real, syn, seed=(1, 2), real_keys=torch.arange(6), syn_keys=torch.arange(5)) is None
+    assert s.accumulate_gap(syn[:, 0], real[:, 0]) is None
+    assert s.update_gap(syn[:, 0], real[:, 0], group=None) is None and s.update_gap() is None
+    assert [s.alpha(k) for k in (0, 5, 9)] == before
