@@ -101,7 +101,7 @@ PRIMARY = [  # (label, a, b): paired difference a − b of forward KL at iterati
 
 # Secondary contrasts (paired over the seeds that have both, unadjusted p: descriptive, not claims).
 SECONDARY = [(f"{m} − IRIS-v2 on {r}", f"{m}/{r}", f"iris_v2/{r}")
-             for r in REGIMES for m in ("iris_a0.5", "iris_a1", "iris_a2", "spin", "space", "chi2", "sft_cont")] + [
+             for r in REGIMES for m in ("iris_a0.5", "iris_a1", "iris_a2", "spin", "space", "chi2")] + [
     ("SFT-continued on S ∪ F − SFT-continued on F", "sft_cont/SF", "sft_cont/F"),
     ("under-trained θ_0^½: IRIS-v2 − SFT-continued on R", "half/iris_v2/R", "half/sft_cont/R"),
     ("under-trained θ_0^½: IRIS-v2 − SFT-continued on F", "half/iris_v2/F", "half/sft_cont/F"),
@@ -512,11 +512,11 @@ def summarize(results: dict, cfg: dict) -> dict:
             "n_seeds": len(seeds)}
 
 
-SINGLE_MODELS = {  # models trained once per seed (no self-play iterations)
-    "theta0": "θ_0: SFT on S (8n) from init, validation-stopped",
+SINGLE_MODELS = {  # models trained once per seed (no self-play iterations); {k}: S = k·n rows
+    "theta0": "θ_0: SFT on S ({k}n) from init, validation-stopped",
     "theta0_half": "θ_0^½: the same run stopped at half θ_0's epochs",
-    "sft_9n": "SFT from init on S ∪ F (9n)",
-    "sft_16n": "SFT from init on 16n (the fixed-point arm's start)",
+    "sft_9n": "SFT from init on S ∪ F ({k1}n)",
+    "sft_16n": "SFT from init on {k2}n (the fixed-point arm's start)",
     "capacity_theta0": "capacity arm's θ_0 (4 layers × 128 hidden) on S",
 }
 
@@ -555,12 +555,15 @@ def fmt(m, d=3):
     return f"{m['mean']:.{d}f}" + (f" ± {m['ci95']:.{d}f}" if m.get("ci95") is not None else "")
 
 
-def table(summary: dict, cfg: dict, tuning: dict = None) -> str:
-    T = cfg["iterations"]
-    lines = [f"Seeds: {summary['n_seeds']}. Mean ± 95 % t-interval over seeds; θ_T after T = {T} iterations.", "",
+def table(summary: dict, cfg: dict, tuning: dict = None, quick: bool = False) -> str:
+    T, k = cfg["iterations"], cfg["s_mult"]
+    lines = ([f"**Quick run** (CI size: n = {cfg['n']}, S = {k}n, {cfg['n_test']} test rows; not a result).", ""]
+             if quick else [])
+    lines += [f"Seeds: {summary['n_seeds']}. Mean ± 95 % t-interval over seeds; θ_T after T = {T} iterations "
+              f"(iteration t is the harness's folder iter_{{t−1}}).", "",
              "| model trained once per seed | fwd KL | D_½ | TV | invalid | test NLL/token |", "|---|---|---|---|---|---|"]
     for key, m in summary.get("single_models", {}).items():
-        lines.append(f"| {SINGLE_MODELS[key]} | {fmt(m['forward_kl'])} | {fmt(m['d_half'])} | {fmt(m['tv'])} | "
+        lines.append(f"| {SINGLE_MODELS[key].format(k=k, k1=k + 1, k2=2 * k)} | {fmt(m['forward_kl'])} | {fmt(m['d_half'])} | {fmt(m['tv'])} | "
                      f"{fmt(m['invalid_frac'])} | {fmt(m['test_nll_per_token'])} |")
     lines += ["", "Forward KL per iteration (nats / response):", "",
               "| run | " + " | ".join(f"t = {t + 1}" for t in range(T)) + " |", "|---" * (T + 1) + "|"]
@@ -572,12 +575,16 @@ def table(summary: dict, cfg: dict, tuning: dict = None) -> str:
         if key.split("/")[0] in ("iris_v2", "fp", "half") and "iris_v2" in key:
             lines.append(f"| {key} | " + " | ".join(f"{fmt(r['gap_u'])}, {fmt(r['alpha'], 2)}" for r in rows) + " |")
     lines += [""]
-    lines += ["Learning-rate choice on the tuning seed: V-NLL/token after "
-              f"{(tuning or {}).get('tune_iterations', 2)} iterations (chosen: lowest), and the forward KL of the "
-              "same models (the sensitivity table; never used to choose):", "",
-              "| method/regime | " + " | ".join(f"lr {lr:g}" for lr in (tuning or {}).get("grid", [])) + " | chosen |",
-              "|---" * (len((tuning or {}).get("grid", [])) + 2) + "|"]
-    for key, scores in (tuning or {}).get("val_nll", {}).items():
+    grid = (tuning or {}).get("grid") or []
+    if not grid:
+        lines += [f"No learning-rate tuning (--quick or --no-tune): every method at lr {DEFAULT_LR:g}.", ""]
+    else:
+        lines += ["Learning-rate choice on the tuning seed: V-NLL/token after "
+                  f"{cfg['tune_iterations']} iterations (chosen: lowest), and the forward KL of the "
+                  "same models (the sensitivity table; never used to choose):", "",
+                  "| method/regime | " + " | ".join(f"lr {lr:g}" for lr in grid) + " | chosen |",
+                  "|---" * (len(grid) + 2) + "|"]
+    for key, scores in ((tuning or {}).get("val_nll", {}) if grid else {}).items():
         kl = tuning.get("forward_kl", {}).get(key, {})
         cells = [f"{scores[f'{lr:g}']:.4f} / {kl.get(f'{lr:g}', float('nan')):.3f}" if f"{lr:g}" in scores else "—"
                  for lr in tuning["grid"]]
@@ -618,14 +625,15 @@ def plot(summary: dict, cfg: dict, res_dir: Path) -> None:
                 if k.endswith(f"/{regime}") and not k.startswith(("fp/", "half/", "abl/"))]
         for i, key in enumerate(keys):
             rows = summary["change_per_iteration"][key]
-            pts = [(t + 1 + 0.03 * (i - len(keys) / 2), r["mean"], r["ci95"] or 0) for t, r in enumerate(rows)
-                   if r["mean"] is not None]  # --measure-final-only: the last iteration only
+            off = 0.03 * (i - len(keys) / 2)
+            pts = [(off, 0.0, 0.0)] + [(t + 1 + off, r["mean"], r["ci95"] or 0) for t, r in enumerate(rows)
+                                      if r["mean"] is not None]  # --measure-final-only: the last iteration only
             if pts:
                 a.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
                            capsize=3, label=key.split("/")[0])
         a.axhline(0.0, color="grey", lw=0.8)
-        a.set_xticks(range(1, cfg["iterations"] + 1))
-        a.set(xlabel="self-play iteration", title=f"regime {regime} ({'reused S rows' if regime == 'R' else 'fresh rows'})")
+        a.set_xticks(range(0, cfg["iterations"] + 1))
+        a.set(xlabel="self-play iteration (0: θ_0)", title=f"regime {regime} ({'reused S rows' if regime == 'R' else 'fresh rows'})")
     ax[0].set_ylabel("Δ KL(p_data ‖ p_θ) from θ_0, paired [nats]")
     ax[0].legend(fontsize=7)
     fig.tight_layout()
@@ -717,7 +725,7 @@ def main(argv=None) -> None:
         slim, rows = split_rows(results)
         (res_dir / "paper_regime.json").write_text(json.dumps(slim))
         np.savez_compressed(res_dir / "forward_kl_rows.npz", **rows)
-        (res_dir / "table.md").write_text(table(results["summary"], cfg, results.get("tuning")))
+        (res_dir / "table.md").write_text(table(results["summary"], cfg, results.get("tuning"), quick=args.quick))
         plot(results["summary"], cfg, res_dir)
 
     if args.report:
