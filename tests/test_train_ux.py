@@ -331,3 +331,17 @@ def test_a_reused_folder_says_it_holds_a_longer_run(tmp_path, capsys):
     text = said.out + said.err
     assert "all 1 iterations are done" in text
     assert "also holds iteration(s) 1 of an earlier, longer run" in text and "new --output_dir" in text
+
+
+@pytest.mark.parametrize("loss,schedule", [("spin", "constant"), ("iris", "adaptive"), ("iris", "constant")])
+def test_the_legend_explains_each_logged_key_once_and_only_those(loss, schedule):
+    from train.config import load_config
+
+    cfg = load_config(str(PRESET))
+    cfg.loss.name, cfg.loss.alpha_schedule = loss, schedule
+    legend = selfplay.metrics_legend(cfg)
+    gap = loss == "iris" and schedule == "adaptive"
+    for key in ("gap_u", "gap_acc", "temperature_score"):
+        assert legend.count(f"\n    {key} = ") == (1 if gap else 0), key
+    assert ("min(gap_u / u_ref, 1)" in legend) == gap
+    assert "temperature_score_train" not in legend

@@ -546,6 +546,12 @@ def metrics_legend(cfg) -> str:
         skip.add("accuracy")
     if cfg.loss.name != "iris":
         skip |= {k for k, v in legend.items() if v and v.endswith("(IRIS only)")}
+    # Only IRIS builds a gap-reading schedule (train/objective.py); the others never log these keys.
+    gap_adaptive = cfg.loss.name == "iris" and cfg.loss.alpha_schedule in ("adaptive", "gap_adaptive")
+    if not gap_adaptive:
+        skip |= {"gap_u", "gap_acc", "gap_ce", "gap_N", "temperature_score"}
+    if not (cfg.loss.name == "iris" and cfg.loss.alpha_schedule == "temperature_score"):
+        skip.add("temperature_score_train")
     lines = ["eval metrics (held-out prompts; also in DIR/metrics.jsonl and iter_t/eval.json):"]
     lines += [f"{k} = {v}" for k, v in legend.items() if k not in skip]
     if cfg.loss.name == "iris":
@@ -559,11 +565,10 @@ def metrics_legend(cfg) -> str:
               "dpo": "DPO's loss estimates no divergence (a logistic loss of the reward margin)"}
     if cfg.loss.name in bounds:
         lines.append(bounds[cfg.loss.name] + " (docs/math.md#divergence-estimates)")
-    if cfg.loss.name == "iris" and cfg.loss.alpha_schedule in ("adaptive", "gap_adaptive"):
-        lines.append("gap_u = u_t, a debiased lower bound on the total variation between the held-out annotated and "
-                     "synthetic responses (classifier accuracy gap_acc); alpha = alpha_min + (alpha_max - alpha_min) "
-                     "u_t / u_ref; temperature_score < 0: the opponent is too flat, > 0 too sharp, not a distance "
-                     "(docs/math.md#alpha-schedule)")
+    if gap_adaptive:
+        lines.append("alpha = alpha_min + (alpha_max - alpha_min) min(gap_u / u_ref, 1): gap_u and alpha are measured "
+                     "on the opponent theta_t's held-out samples BEFORE the iteration trains; nll and the rest of the "
+                     "line are measured on theta_{t+1} after it (docs/math.md#alpha-schedule)")
     lines.append("first_step_mean_abs_g (train records) = mean |g| at an iteration's first step, where theta = "
                  "theta_t: 0 exactly unless the reference pass disagrees with the training pass")
     return "\n    ".join(lines)
