@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from train.experiments import paper_regime as pr
+from train.experiments import paper_regime_report as report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,19 +21,19 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("t, df, p", [(2.262157, 9, 0.05), (12.7062, 1, 0.05), (3.24984, 9, 0.01), (0.0, 5, 1.0),
                                       (1.959964, 10**6, 0.05)])
 def test_student_t_two_sided_p(t, df, p):
-    assert pr.t_two_sided_p(t, df) == pytest.approx(p, rel=1e-4, abs=1e-9)
-    assert pr.t_two_sided_p(-t, df) == pytest.approx(p, rel=1e-4, abs=1e-9)
+    assert report.t_two_sided_p(t, df) == pytest.approx(p, rel=1e-4, abs=1e-9)
+    assert report.t_two_sided_p(-t, df) == pytest.approx(p, rel=1e-4, abs=1e-9)
 
 
 def test_holm_adjustment():
     # Holm: sorted p·(k − rank), made monotone; None passes through.
-    assert pr.holm([0.01, 0.04, None, 0.03]) == pytest.approx([0.03, 0.06, None, 0.06])
-    assert pr.holm([0.5, 0.9]) == [1.0, 1.0]
+    assert report.holm([0.01, 0.04, None, 0.03]) == pytest.approx([0.03, 0.06, None, 0.06])
+    assert report.holm([0.5, 0.9]) == [1.0, 1.0]
 
 
 def test_paired_interval_matches_the_t_interval():
     d = [0.1, -0.05, 0.2, 0.07, 0.01]
-    out = pr.paired(d)
+    out = report.paired(d)
     v = np.asarray(d)
     assert out["mean"] == pytest.approx(v.mean())
     assert out["ci95"] == pytest.approx(2.776 * v.std(ddof=1) / math.sqrt(5), rel=1e-3)
@@ -75,5 +76,5 @@ def test_quick_run_json_shape(tmp_path):
         assert m["first_step_mean_abs_g"] == 0.0  # the reference pass agrees with the training pass
     assert all(m["alpha"] is None for m in seed["runs"]["sft_cont/R"])
     contrasts = r["summary"]["primary_contrasts"]
-    assert [c["contrast"] for c in contrasts] == [c[0] for c in pr.PRIMARY]
+    assert [c["contrast"] for c in contrasts] == [c[0] for c in report.PRIMARY]
     assert contrasts[0]["n_seeds"] == 1 and contrasts[0]["mean"] is not None
