@@ -258,7 +258,7 @@ def main(argv=None) -> None:
                 accelerator.wait_for_everyone()
             synthetic[split] = load_sharded(examples, out_dir=it, prefix=f"generated-{split}",
                                             shard_size=cfg.generation.shard_size)
-        rows = {split: examples for split, examples in splits.items()}  # the rows this iteration scores
+        rows = dict(splits)  # the rows this iteration scores and trains on
         if cfg.train.mix_previous_synthetic and t > 0:
             previous = load_sharded(train_ex, out_dir=out / f"iter_{t - 1}", prefix="generated-train",
                                     shard_size=cfg.generation.shard_size)

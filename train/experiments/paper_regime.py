@@ -142,12 +142,12 @@ class Measure(kd.Measurer):
         seq = SequenceLogprobs(model)
         lq = self._score(seq, self.test_ex, [e.response_ids for e in self.test_ex])
         d = self.logp_data_test - lq
+        kl = {"forward_kl": float(d.mean()), "forward_kl_se": float(d.std(ddof=1) / math.sqrt(len(d))),
+              "forward_kl_rows": [round(float(x), 5) for x in d],
+              "test_nll_per_token": float(-lq.sum() / self.test_tokens)}
         if not full:
-            result = {"forward_kl": float(d.mean()), "forward_kl_se": float(d.std(ddof=1) / math.sqrt(len(d))),
-                      "forward_kl_rows": [round(float(x), 5) for x in d],
-                      "test_nll_per_token": float(-lq.sum() / self.test_tokens)}
-            light.write_text(json.dumps(result))
-            return result
+            light.write_text(json.dumps(kl))
+            return kl
         lq_ps = self._score(seq, self.ps_ex, [e.response_ids for e in self.ps_ex])
         log_ratio = lq_ps - self.logp_data_ps  # log q/p on p-samples
         rows = []
@@ -162,12 +162,10 @@ class Measure(kd.Measurer):
                 invalid += 1
         invalid_frac = invalid / max(len(rows), 1)
         result = {
-            "forward_kl": float(d.mean()), "forward_kl_se": float(d.std(ddof=1) / math.sqrt(len(d))),
-            "forward_kl_rows": [round(float(x), 5) for x in d],
+            **kl,
             "d_half": float(-2.0 * np.log(np.mean(np.exp(0.5 * log_ratio)))),
             "tv": float(0.5 * (np.mean(np.abs(1.0 - np.exp(log_ratio))) + invalid_frac)),
             "invalid_frac": invalid_frac,
-            "test_nll_per_token": float(-lq.sum() / self.test_tokens),
         }
         cache.write_text(json.dumps(result))
         return result
